@@ -1,0 +1,199 @@
+"""The NumPy/CuPy loop driver, the tape it records, and the unrolled reverse sweep.
+
+The same code drives NumPy and CuPy arrays: everything array-specific goes through the
+``ops`` object. On CuPy, reading a residual norm back to the host synchronises the device,
+so the convergence test can be made every ``check_every`` iterations instead of every one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._array_ops import ArrayOps
+from prdp_ops._operators.base import LinearOperator, add_cotangents
+from prdp_ops._solution import SolveResult, SolverError, Status
+from prdp_ops._solver.base import IterativeSolver, State
+
+__all__ = ["Run", "ReverseContext", "run_solver", "unrolled_vjp"]
+
+logger = logging.getLogger("prdp_ops")
+
+
+class Run:
+    """What :func:`run_solver` returns: the result, the final state and the tape."""
+
+    def __init__(self, result: SolveResult, state: State, tape: list[Any] | None) -> None:
+        self.result, self.state, self.tape = result, state, tape
+
+
+def _host_norms(ops: ArrayOps, norms: list[Any]) -> np.ndarray:
+    """Residual norms as one NumPy array, with one device-to-host transfer on GPUs."""
+    if ops.name == "numpy":
+        return np.asarray([float(v) for v in norms], dtype=np.float64)
+    stacked = ops.xp.stack([ops.xp.asarray(v) for v in norms])
+    return np.asarray(ops.to_host(stacked), dtype=np.float64)
+
+
+def run_solver(
+    solver: IterativeSolver,
+    ops: ArrayOps,
+    A: LinearOperator,
+    b: Any,
+    x0: Any,
+    M: LinearOperator | None,
+    *,
+    maxiter: int,
+    tol: float,
+    stop_on_convergence: bool = True,
+    callback: Callable[[Any], None] | None = None,
+    keep_tape: bool = False,
+    check_every: int = 1,
+    on_failure: str = "warn",
+) -> Run:
+    """Run ``solver`` for at most ``maxiter`` iterations.
+
+    Parameters
+    ----------
+    tol
+        Absolute residual tolerance, ``max(rtol ||b||, atol)``.
+    stop_on_convergence
+        False runs exactly ``maxiter`` iterations (the ``rtol = atol = 0`` case).
+    keep_tape
+        Record what the reverse sweep needs (``solver.record``) for each step.
+    check_every
+        Test convergence and failure every this many iterations (a host sync on GPUs).
+        Steps past the point of convergence between two checks are not undone.
+    on_failure
+        "warn" (log a warning), "raise" (:class:`SolverError`) or "ignore", for breakdown
+        and non-finite residuals. The result reports the failure in every case.
+    """
+    state = solver.init(ops, A, b, x0, M)
+    norms = [solver.residual_norm(ops, state)]
+    tape: list[Any] | None = [] if keep_tape else None
+    status = Status.MAX_ITERATIONS
+    iterations = 0
+    if stop_on_convergence and ops.to_float(norms[0]) <= tol:
+        status = Status.CONVERGED
+    while status is Status.MAX_ITERATIONS and iterations < maxiter:
+        new_state = solver.step(ops, A, b, state, M)
+        iterations += 1
+        rnorm = solver.residual_norm(ops, new_state)
+        norms.append(rnorm)
+        checking = iterations % check_every == 0 or iterations == maxiter
+        if checking:
+            failure = _failure(solver, ops, new_state, rnorm)
+            if failure is not None:
+                # Keep the last good state: a NaN iterate would poison a training loop.
+                status = failure
+                break
+        if tape is not None:
+            tape.append(solver.record(ops, A, b, M, state, new_state))
+        state = new_state
+        if callback is not None:
+            callback(solver.iterate(ops, A, b, state, M))
+        if checking and stop_on_convergence and ops.to_float(rnorm) <= tol:
+            status = Status.CONVERGED
+    if status is Status.MAX_ITERATIONS and not stop_on_convergence:
+        # A fixed iteration count was asked for; say "converged" only if the residual is 0.
+        status = Status.CONVERGED if ops.to_float(norms[-1]) <= tol else status
+    result = SolveResult(
+        x=solver.iterate(ops, A, b, state, M),
+        converged=status is Status.CONVERGED,
+        iterations=iterations,
+        residual_norms=_host_norms(ops, norms),
+        status=status,
+        solver=solver.name or type(solver).__name__,
+    )
+    report_failure(result, on_failure)
+    return Run(result, state, tape)
+
+
+def _failure(solver: IterativeSolver, ops: ArrayOps, state: State, rnorm: Any) -> Status | None:
+    if not np.isfinite(ops.to_float(rnorm)):
+        return Status.NONFINITE
+    if bool(solver.breakdown(ops, state)):
+        return Status.BREAKDOWN
+    return None
+
+
+def report_failure(result: SolveResult, on_failure: str) -> None:
+    """Apply the failure policy to a finished solve (never silent)."""
+    if not result.status.is_failure or on_failure == "ignore":
+        return
+    message = f"{result.message} (after {result.iterations} iterations)"
+    if on_failure == "raise":
+        raise SolverError(message, result)
+    logger.warning(message)
+
+
+class ReverseContext:
+    """Collects what a reverse sweep produces besides the state cotangents.
+
+    Solvers' ``step_vjp``/``init_vjp`` call it for every use of ``A``, ``M`` and ``b``; the
+    pairs ``(v, y_bar)`` of each ``y = A v`` are kept (when ``A`` has parameters) and turned
+    into A's cotangent by one batched :meth:`LinearOperator.param_vjp_batch` at the end.
+    """
+
+    def __init__(self, ops: ArrayOps, A: LinearOperator, M: LinearOperator | None,
+                 b: Any) -> None:
+        self.ops, self.A, self.M = ops, A, M
+        self._A_T = A.T
+        self._M_T = M.T if M is not None else None
+        self._track = bool(A.parameters())
+        self._pairs: dict[str, list[tuple[Any, Any]]] = {}
+        self.b_bar = ops.xp.zeros_like(b)
+
+    def matvec_T(self, v: Any, y_bar: Any) -> Any:
+        """Return ``A^T y_bar`` for a forward ``y = A v``, recording the pair."""
+        self.record_pair(v, y_bar)
+        return self._A_T.matvec(y_bar)
+
+    def record_pair(self, v: Any, y_bar: Any, part: str = "full") -> None:
+        """Record that ``y = A_part v`` received cotangent ``y_bar`` (no product computed)."""
+        if self._track:
+            self._pairs.setdefault(part, []).append((v, y_bar))
+
+    def precond_T(self, z_bar: Any) -> Any:
+        """Return ``M^T z_bar`` for a forward ``z = M r`` (M is a constant)."""
+        return self._M_T.matvec(z_bar)
+
+    def add_b(self, b_bar: Any) -> None:
+        """Accumulate a contribution to b's cotangent."""
+        self.b_bar = self.b_bar + b_bar
+
+    def param_cotangents(self) -> dict[str, Any]:
+        """A's parameter cotangents from every recorded pair."""
+        xp = self.ops.xp
+        total: dict[str, Any] = {}
+        for part, pairs in self._pairs.items():
+            X = xp.stack([v for v, _ in pairs])
+            Y_bar = xp.stack([y for _, y in pairs])
+            total = add_cotangents(total, self.A.param_vjp_batch(X, Y_bar, part))
+        return total
+
+
+def unrolled_vjp(
+    solver: IterativeSolver,
+    ops: ArrayOps,
+    A: LinearOperator,
+    b: Any,
+    x0: Any,
+    M: LinearOperator | None,
+    run: Run,
+    x_bar: Any,
+) -> tuple[Any, dict[str, Any], Any]:
+    """Reverse sweep through the iterations of ``run``: the exact derivative of the map
+    ``(b, A, x0) -> x_K`` that the forward pass computed.
+
+    Returns ``(b_bar, A's parameter cotangents, x0_bar)``.
+    """
+    ctx = ReverseContext(ops, A, M, b)
+    state_bar = solver.iterate_vjp(ops, A, b, M, run.state, x_bar, ctx)
+    for record in reversed(run.tape):
+        state_bar = solver.step_vjp(ops, A, b, M, record, state_bar, ctx)
+    x0_bar = solver.init_vjp(ops, A, b, x0, M, state_bar, ctx)
+    return ctx.b_bar, ctx.param_cotangents(), x0_bar

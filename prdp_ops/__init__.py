@@ -1,0 +1,29 @@
+"""prdp_ops: differentiable iterative linear solvers and Progressively Refined
+Differentiable Physics (PRDP).
+
+The core imports only numpy and scipy. JAX lives in ``prdp_ops.backends.jax`` and CuPy in
+``prdp_ops.backends.cupy``; both are imported only when used.
+"""
+
+from prdp_ops._operators.base import LinearOperator as LinearOperator
+from prdp_ops._operators.base import MatrixFreeError as MatrixFreeError
+from prdp_ops._operators.convert import aslinearoperator as aslinearoperator
+from prdp_ops._operators.dense import DenseOperator as DenseOperator
+from prdp_ops._operators.dense import SparseOperator as SparseOperator
+from prdp_ops._operators.function import FunctionOperator as FunctionOperator
+from prdp_ops._operators.function import ScipyLinearOperator as ScipyLinearOperator
+from prdp_ops._solution import Cotangents as Cotangents
+from prdp_ops._solution import SolveResult as SolveResult
+from prdp_ops._solution import SolverError as SolverError
+from prdp_ops._solution import Status as Status
+from prdp_ops._solve import solve as solve
+from prdp_ops._solve import solve_vjp as solve_vjp
+from prdp_ops._solver.base import IterativeSolver as IterativeSolver
+from prdp_ops._solver.cg import CG as CG
+from prdp_ops._solver.registry import available_solvers as available_solvers
+from prdp_ops._solver.registry import get_solver as get_solver
+from prdp_ops._solver.registry import register_solver as register_solver
+
+register_solver(CG, "cg")
+
+__version__ = "0.1.0"

@@ -1,0 +1,144 @@
+"""The array operations that solvers are written against.
+
+A solver's ``init``/``step`` receive an :class:`ArrayOps` object and use it the way
+array-api-compat code uses ``xp``: ``ops.xp`` is the array module (numpy, cupy or
+jax.numpy) for the everyday functions, and the handful of methods below cover what the
+array modules disagree on -- functional index updates (JAX arrays are immutable), branching
+(a Python ``if`` on NumPy, ``lax.cond`` on JAX) and the complex-aware inner product.
+
+Only the NumPy flavour lives here, so the core imports nothing but numpy. The CuPy and JAX
+flavours subclass it in ``prdp_ops.backends`` and are looked up by :func:`ops_for` without
+importing those libraries unless an array of theirs is actually passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ArrayOps", "NumpyOps", "array_backend_name", "ops_for"]
+
+
+class ArrayOps:
+    """Backend operations shared by every solver implementation.
+
+    Parameters
+    ----------
+    xp
+        The array module: ``numpy``, ``cupy`` or ``jax.numpy``.
+    """
+
+    #: Short name of the backend ("numpy", "cupy" or "jax").
+    name: str = "abstract"
+    #: Whether Python control flow on array values is allowed (False under JAX tracing).
+    eager: bool = True
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    # -- linear algebra ---------------------------------------------------------------
+    def vdot(self, a: Any, b: Any) -> Any:
+        """Return ``sum(conj(a) * b)``, the Hermitian inner product, as a 0-d array."""
+        return self.xp.vdot(a, b)
+
+    def dot(self, a: Any, b: Any) -> Any:
+        """Return ``sum(a * b)`` without conjugation (the bilinear product)."""
+        return self.xp.sum(a * b)
+
+    def norm(self, a: Any) -> Any:
+        """Return the Euclidean norm of ``a`` as a real 0-d array."""
+        return self.xp.sqrt(self.xp.real(self.vdot(a, a)))
+
+    # -- functional updates -----------------------------------------------------------
+    def set_at(self, a: Any, index: Any, value: Any) -> Any:
+        """Return a copy of ``a`` with ``a[index] = value`` (``a`` is left untouched)."""
+        out = a.copy()
+        out[index] = value
+        return out
+
+    def where(self, condition: Any, x: Any, y: Any) -> Any:
+        """Elementwise select, ``x`` where ``condition`` holds and ``y`` elsewhere."""
+        return self.xp.where(condition, x, y)
+
+    def safe_divide(self, num: Any, den: Any) -> Any:
+        """Return ``num / den``, or 0 where ``den == 0`` (no NaN, no warning).
+
+        Solvers use it for step lengths whose denominator vanishes exactly when the
+        residual does; breakdown (a zero denominator with a non-zero residual) is
+        detected and reported separately.
+        """
+        xp = self.xp
+        zero = den == 0
+        return xp.where(zero, xp.zeros_like(num), num / xp.where(zero, xp.ones_like(den), den))
+
+    # -- control flow -----------------------------------------------------------------
+    def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
+        """Run ``true_fn(*operands)`` if ``pred`` else ``false_fn(*operands)``."""
+        return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+    def to_float(self, a: Any) -> float:
+        """Return a Python float of a 0-d array (a device-to-host sync on GPUs)."""
+        return float(a)
+
+    def to_host(self, a: Any) -> Any:
+        """Return ``a`` as a NumPy array (a device-to-host copy on GPUs)."""
+        return np.asarray(a)
+
+    def is_finite(self, a: Any) -> Any:
+        """Return whether every entry of ``a`` is finite (a 0-d boolean)."""
+        return self.xp.all(self.xp.isfinite(a))
+
+    def asarray(self, a: Any, dtype: Any = None) -> Any:
+        """Convert ``a`` to an array of this backend."""
+        return self.xp.asarray(a, dtype=dtype)
+
+
+class NumpyOps(ArrayOps):
+    """:class:`ArrayOps` for NumPy arrays."""
+
+    name = "numpy"
+
+    def __init__(self) -> None:
+        super().__init__(np)
+
+
+_NUMPY_OPS = NumpyOps()
+
+
+def array_backend_name(a: Any) -> str:
+    """Return "numpy", "cupy" or "jax" for an array, without importing cupy or jax.
+
+    Anything that is neither a cupy nor a jax array (lists, scalars, numpy arrays,
+    scipy.sparse matrices) counts as "numpy".
+    """
+    module = type(a).__module__ or ""
+    root = module.split(".", 1)[0]
+    if root in ("cupy", "cupyx"):
+        return "cupy"
+    if root in ("jax", "jaxlib"):
+        return "jax"
+    return "numpy"
+
+
+def ops_for(*arrays: Any) -> ArrayOps:
+    """Return the :class:`ArrayOps` of the given arrays' backend.
+
+    Raises
+    ------
+    TypeError
+        If the arrays come from different backends.
+    """
+    names = {array_backend_name(a) for a in arrays if a is not None}
+    if len(names) > 1:
+        raise TypeError(
+            f"arrays from different backends were mixed: {sorted(names)}; convert them to one "
+            "array library (e.g. numpy.asarray, cupy.asarray or jax.numpy.asarray) first"
+        )
+    name = names.pop() if names else "numpy"
+    if name == "numpy":
+        return _NUMPY_OPS
+    from prdp_ops.backends import get_ops  # lazy: imports cupy / jax only when needed
+
+    return get_ops(name)

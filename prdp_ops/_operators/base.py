@@ -1,0 +1,496 @@
+"""The abstract :class:`LinearOperator` and the algebra built on it (sums, products, scaling,
+transposes).
+
+Semantics follow ``scipy.sparse.linalg.LinearOperator``: ``matvec`` is ``A @ x``, ``rmatvec``
+is ``A^H @ y`` (conjugate transpose), ``.T`` and ``.H`` are lazy operators, ``A @ B``
+composes, ``A + B`` and ``c * A`` combine.
+
+Differentiation adds two ideas. An operator may hold *parameters* -- the arrays its entries
+are built from (a dense matrix, the values of a sparse matrix, the coefficient field of a
+diffusion stencil) -- listed by :meth:`LinearOperator.parameters`. And
+:meth:`LinearOperator.param_vjp` maps a pair ``(x, y_bar)`` for ``y = A(p) x`` to the
+cotangents of those parameters. Cotangents follow JAX's convention (linear functionals, no
+conjugation): ``x_bar = A^T y_bar`` and, for a dense matrix, ``A_bar = outer(y_bar, x)``, so
+results agree with ``jax.vjp`` on complex data too.
+"""
+
+from __future__ import annotations
+
+import abc
+import numbers
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._array_ops import ArrayOps, ops_for
+
+__all__ = ["LinearOperator", "MatrixFreeError"]
+
+
+class MatrixFreeError(TypeError):
+    """Raised when explicit matrix entries are needed but the operator is matrix-free."""
+
+
+def _result_dtype(*dtypes: Any) -> Any:
+    return np.result_type(*[np.dtype(d) for d in dtypes])
+
+
+class LinearOperator(abc.ABC):
+    """Abstract base of every operator prdp_ops solves with.
+
+    Subclasses implement :meth:`_matvec` (and :meth:`_rmatvec` for ``A^H y``, which the
+    implicit adjoint needs). Operators with explicit entries also implement
+    :meth:`diagonal` and :meth:`to_matrix` (Jacobi and SOR use them). Operators whose
+    entries depend on arrays that gradients should reach implement :meth:`parameters`,
+    :meth:`with_parameters` and :meth:`param_vjp`.
+
+    Parameters
+    ----------
+    shape
+        ``(m, n)``.
+    dtype
+        The operator's dtype (a NumPy dtype; JAX and CuPy share NumPy's dtypes).
+    """
+
+    #: True when the operator is known to be Hermitian (``A^H = A``); the adjoint of a
+    #: matrix-free operator without ``rmatvec`` can then reuse ``matvec``.
+    hermitian: bool = False
+
+    def __init__(self, shape: tuple[int, int], dtype: Any) -> None:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2 or min(shape) < 0:
+            raise ValueError(f"shape must be a pair (m, n) of non-negative ints; got {shape!r}")
+        self.shape: tuple[int, int] = shape  # type: ignore[assignment]
+        self.dtype = np.dtype(dtype)
+
+    # -- to implement -----------------------------------------------------------------
+    @abc.abstractmethod
+    def _matvec(self, x: Any) -> Any:
+        """Return ``A @ x`` for a 1-D ``x`` of length ``n``."""
+
+    def _rmatvec(self, y: Any) -> Any:
+        """Return ``A^H @ y``; override it (the implicit adjoint and ``.T`` need it)."""
+        if self.hermitian:
+            return self._matvec(y)
+        raise NotImplementedError(
+            f"{type(self).__name__} has no rmatvec (A^H y), which the adjoint solve and A.T "
+            "need; give the operator an rmatvec, or declare it Hermitian/symmetric if it is"
+        )
+
+    def _matmat(self, X: Any) -> Any:
+        xp = ops_for(X).xp
+        return xp.stack([self._matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
+
+    # -- public SciPy-style interface -------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def is_square(self) -> bool:
+        return self.shape[0] == self.shape[1]
+
+    def matvec(self, x: Any) -> Any:
+        """Return ``A @ x``; ``x`` has shape ``(n,)`` or ``(n, 1)``."""
+        x, column = self._check_vector(x, self.shape[1], "x")
+        y = self._matvec(x)
+        return y.reshape(-1, 1) if column else y
+
+    def rmatvec(self, y: Any) -> Any:
+        """Return ``A^H @ y``; ``y`` has shape ``(m,)`` or ``(m, 1)``."""
+        y, column = self._check_vector(y, self.shape[0], "y")
+        x = self._rmatvec(y)
+        return x.reshape(-1, 1) if column else x
+
+    def matmat(self, X: Any) -> Any:
+        """Return ``A @ X`` for a 2-D ``X`` of shape ``(n, k)``."""
+        if getattr(X, "ndim", None) != 2 or X.shape[0] != self.shape[1]:
+            raise ValueError(
+                f"X must be a 2-D array with {self.shape[1]} rows for an operator of shape "
+                f"{self.shape}; got shape {getattr(X, 'shape', None)}"
+            )
+        return self._matmat(X)
+
+    def rmatmat(self, Y: Any) -> Any:
+        """Return ``A^H @ Y`` for a 2-D ``Y`` of shape ``(m, k)``."""
+        return self.H.matmat(Y)
+
+    @property
+    def T(self) -> LinearOperator:
+        """The transpose (no conjugation), as a lazy operator."""
+        return _TransposedOperator(self)
+
+    @property
+    def H(self) -> LinearOperator:
+        """The conjugate transpose, as a lazy operator."""
+        return _AdjointOperator(self)
+
+    def adjoint(self) -> LinearOperator:
+        """The conjugate transpose (SciPy's name)."""
+        return self.H
+
+    def transpose(self) -> LinearOperator:
+        """The transpose (SciPy's name)."""
+        return self.T
+
+    def dot(self, x: Any) -> Any:
+        """``A @ x`` for an operator, a scalar, a vector or a matrix (SciPy's ``dot``)."""
+        return self @ x
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperator):
+            return _ProductOperator(self, other)
+        if isinstance(other, numbers.Number):
+            raise ValueError("use * to scale an operator by a scalar, not @")
+        ndim = getattr(other, "ndim", None)
+        if ndim == 1 or (ndim == 2 and other.shape[1] == 1):
+            return self.matvec(other)
+        if ndim == 2:
+            return self.matmat(other)
+        raise ValueError(
+            f"A @ x needs x as a 1-D or 2-D array or a LinearOperator; got {type(other).__name__}"
+        )
+
+    def __call__(self, x: Any) -> Any:
+        return self @ x
+
+    def __add__(self, other: Any) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _SumOperator(self, other)
+
+    def __sub__(self, other: Any) -> LinearOperator:
+        if not isinstance(other, LinearOperator):
+            return NotImplemented
+        return _SumOperator(self, _ScaledOperator(other, -1))
+
+    def __neg__(self) -> LinearOperator:
+        return _ScaledOperator(self, -1)
+
+    def __mul__(self, other: Any) -> Any:
+        if isinstance(other, numbers.Number) or np.ndim(other) == 0 and not hasattr(
+            other, "shape"
+        ):
+            return _ScaledOperator(self, other)
+        if isinstance(other, LinearOperator):
+            return _ProductOperator(self, other)
+        return self @ other
+
+    def __rmul__(self, other: Any) -> LinearOperator:
+        if isinstance(other, numbers.Number):
+            return _ScaledOperator(self, other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        m, n = self.shape
+        return f"<{m}x{n} {type(self).__name__} with dtype={self.dtype}>"
+
+    # -- explicit entries (Jacobi, SOR) -----------------------------------------------
+    def diagonal(self) -> Any:
+        """Return the main diagonal as a 1-D array.
+
+        Raises
+        ------
+        MatrixFreeError
+            If the operator cannot provide it.
+        """
+        raise MatrixFreeError(
+            f"{type(self).__name__} is matrix-free and cannot provide its diagonal; pass a "
+            "matrix (dense or sparse), a stencil operator, or a FunctionOperator with "
+            "diagonal=..., or use a Krylov solver (cg, gmres, bicgstab)"
+        )
+
+    def to_matrix(self) -> Any:
+        """Return the explicit matrix in the backend's native form (dense or sparse).
+
+        Raises
+        ------
+        MatrixFreeError
+            If the operator is matrix-free.
+        """
+        raise MatrixFreeError(
+            f"{type(self).__name__} is matrix-free and has no explicit entries; solvers such "
+            "as 'sor' need them: pass a dense or sparse matrix, or use 'jacobi' or a Krylov "
+            "solver (cg, gmres, bicgstab) instead"
+        )
+
+    # -- differentiable parameters ----------------------------------------------------
+    def parameters(self) -> dict[str, Any]:
+        """The arrays the entries are built from, ``{name: array}``; ``{}`` if none."""
+        return {}
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        """Return the same operator built from other parameter arrays (same names/shapes)."""
+        if params:
+            raise ValueError(f"{type(self).__name__} has no parameters; got {sorted(params)}")
+        return self
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        """Cotangents of :meth:`parameters` for ``y = A(p) @ x`` given ``y_bar``.
+
+        Returns ``{name: p_bar}`` with ``sum(p_bar * dp) == sum(y_bar * (dA x))`` (JAX's
+        bilinear convention). ``{}`` for an operator without parameters.
+
+        ``part`` restricts ``A`` to one piece of its splitting ``A = D + L + U``:
+        ``"full"``, ``"diagonal"`` (D), ``"strict_lower"`` (L) or ``"strict_upper"`` (U).
+        Jacobi and SOR, which apply those pieces separately, need the other parts.
+        """
+        return {}
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        """Sum of :meth:`param_vjp` over the rows of ``X`` and ``Y_bar`` (shape ``(k, n)``).
+
+        Unrolled adjoints collect one pair per matvec and call this once; dense and sparse
+        operators override it with a single matrix product.
+        """
+        total: dict[str, Any] = {}
+        for x, y_bar in zip(X, Y_bar, strict=True):
+            total = add_cotangents(total, self.param_vjp(x, y_bar, part))
+        return total
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        """Turn parameter cotangents into the form users receive in ``Cotangents.A``."""
+        return dict(params_bar) if params_bar else None
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def ops(self) -> ArrayOps:
+        """The :class:`ArrayOps` of the operator's arrays (NumPy for matrix-free ones)."""
+        return ops_for(*self.parameters().values())
+
+    def _check_vector(self, v: Any, length: int, name: str) -> tuple[Any, bool]:
+        shape = getattr(v, "shape", None)
+        if shape == (length,):
+            return v, False
+        if shape == (length, 1):
+            return v.reshape(-1), True
+        raise ValueError(
+            f"{name} must have shape ({length},) or ({length}, 1) for an operator of shape "
+            f"{self.shape}; got {shape if shape is not None else type(v).__name__}"
+        )
+
+
+def add_cotangents(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Add two parameter-cotangent dicts key by key (missing keys count as zero)."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out[key] + value if key in out else value
+    return out
+
+
+PARTS = ("full", "diagonal", "strict_lower", "strict_upper")
+_TRANSPOSED_PART = {"full": "full", "diagonal": "diagonal", "strict_lower": "strict_upper",
+                    "strict_upper": "strict_lower"}
+
+
+def _require_full(op: LinearOperator, part: str) -> None:
+    if part != "full":
+        raise NotImplementedError(
+            f"{type(op).__name__} cannot split its parameter cotangent by part={part!r}; use a "
+            "Krylov solver for it, or pass the matrix itself"
+        )
+
+
+def _prefixed(prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in params.items()}
+
+
+def _unprefixed(prefix: str, params: dict[str, Any]) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+class _SumOperator(LinearOperator):
+    """``A + B``; parameters are those of A under ``"0."`` and of B under ``"1."``."""
+
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        if A.shape != B.shape:
+            raise ValueError(f"cannot add operators of shapes {A.shape} and {B.shape}")
+        super().__init__(A.shape, _result_dtype(A.dtype, B.dtype))
+        self.args = (A, B)
+        self.hermitian = A.hermitian and B.hermitian
+
+    def _matvec(self, x: Any) -> Any:
+        return self.args[0]._matvec(x) + self.args[1]._matvec(x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        return self.args[0]._rmatvec(y) + self.args[1]._rmatvec(y)
+
+    def diagonal(self) -> Any:
+        return self.args[0].diagonal() + self.args[1].diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.args[0].to_matrix() + self.args[1].to_matrix()
+
+    def parameters(self) -> dict[str, Any]:
+        return {**_prefixed("0.", self.args[0].parameters()),
+                **_prefixed("1.", self.args[1].parameters())}
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        A, B = self.args
+        return _SumOperator(A.with_parameters(_unprefixed("0.", params)),
+                            B.with_parameters(_unprefixed("1.", params)))
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return {**_prefixed("0.", self.args[0].param_vjp(x, y_bar, part)),
+                **_prefixed("1.", self.args[1].param_vjp(x, y_bar, part))}
+
+
+class _ScaledOperator(LinearOperator):
+    """``alpha * A`` for a scalar ``alpha`` (a constant, not a parameter)."""
+
+    def __init__(self, A: LinearOperator, alpha: Any) -> None:
+        super().__init__(A.shape, _result_dtype(A.dtype, np.asarray(alpha).dtype))
+        self.A, self.alpha = A, alpha
+        self.hermitian = A.hermitian and np.isrealobj(alpha)
+
+    def _matvec(self, x: Any) -> Any:
+        return self.alpha * self.A._matvec(x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        return np.conj(self.alpha) * self.A._rmatvec(y)
+
+    def diagonal(self) -> Any:
+        return self.alpha * self.A.diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.alpha * self.A.to_matrix()
+
+    def parameters(self) -> dict[str, Any]:
+        return self.A.parameters()
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        return _ScaledOperator(self.A.with_parameters(params), self.alpha)
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return self.A.param_vjp(x, self.alpha * y_bar, part)
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        return self.A.format_cotangent(params_bar)
+
+
+class _ProductOperator(LinearOperator):
+    """``A @ B``; parameters of A under ``"0."`` and of B under ``"1."``."""
+
+    def __init__(self, A: LinearOperator, B: LinearOperator) -> None:
+        if A.shape[1] != B.shape[0]:
+            raise ValueError(f"cannot compose operators of shapes {A.shape} and {B.shape}")
+        super().__init__((A.shape[0], B.shape[1]), _result_dtype(A.dtype, B.dtype))
+        self.args = (A, B)
+
+    def _matvec(self, x: Any) -> Any:
+        return self.args[0]._matvec(self.args[1]._matvec(x))
+
+    def _rmatvec(self, y: Any) -> Any:
+        return self.args[1]._rmatvec(self.args[0]._rmatvec(y))
+
+    def to_matrix(self) -> Any:
+        return self.args[0].to_matrix() @ self.args[1].to_matrix()
+
+    def parameters(self) -> dict[str, Any]:
+        return {**_prefixed("0.", self.args[0].parameters()),
+                **_prefixed("1.", self.args[1].parameters())}
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        A, B = self.args
+        return _ProductOperator(A.with_parameters(_unprefixed("0.", params)),
+                                B.with_parameters(_unprefixed("1.", params)))
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # y = A (B x): A sees the input B x; B sees the cotangent A^T y_bar.
+        _require_full(self, part)
+        A, B = self.args
+        bx = B._matvec(x)
+        at_ybar = A.T._matvec(y_bar)
+        return {**_prefixed("0.", A.param_vjp(bx, y_bar)),
+                **_prefixed("1.", B.param_vjp(x, at_ybar))}
+
+
+class _TransposedOperator(LinearOperator):
+    """``A^T`` (no conjugation): ``A^T x = conj(A^H conj(x))``."""
+
+    def __init__(self, A: LinearOperator) -> None:
+        super().__init__((A.shape[1], A.shape[0]), A.dtype)
+        self.A = A
+        self.hermitian = A.hermitian and not np.issubdtype(A.dtype, np.complexfloating)
+
+    def _is_real(self) -> bool:
+        return not np.issubdtype(self.dtype, np.complexfloating)
+
+    def _matvec(self, x: Any) -> Any:
+        if self._is_real():
+            return self.A._rmatvec(x)
+        xp = ops_for(x).xp
+        return xp.conj(self.A._rmatvec(xp.conj(x)))
+
+    def _rmatvec(self, y: Any) -> Any:
+        if self._is_real():
+            return self.A._matvec(y)
+        xp = ops_for(y).xp
+        return xp.conj(self.A._matvec(xp.conj(y)))
+
+    @property
+    def T(self) -> LinearOperator:
+        return self.A
+
+    def diagonal(self) -> Any:
+        return self.A.diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.A.to_matrix().T
+
+    def parameters(self) -> dict[str, Any]:
+        return self.A.parameters()
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        return _TransposedOperator(self.A.with_parameters(params))
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # sum(y_bar * dA^T x) == sum(x * dA y_bar): the roles of x and y_bar swap, and the
+        # lower triangle of A^T is the upper triangle of A.
+        return self.A.param_vjp(y_bar, x, _TRANSPOSED_PART[part])
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        return self.A.format_cotangent(params_bar)
+
+
+class _AdjointOperator(LinearOperator):
+    """``A^H``: matvec is A's rmatvec and vice versa."""
+
+    def __init__(self, A: LinearOperator) -> None:
+        super().__init__((A.shape[1], A.shape[0]), A.dtype)
+        self.A = A
+        self.hermitian = A.hermitian
+
+    def _matvec(self, x: Any) -> Any:
+        return self.A._rmatvec(x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        return self.A._matvec(y)
+
+    @property
+    def H(self) -> LinearOperator:
+        return self.A
+
+    def diagonal(self) -> Any:
+        d = self.A.diagonal()
+        return ops_for(d).xp.conj(d) if np.issubdtype(self.dtype, np.complexfloating) else d
+
+    def to_matrix(self) -> Any:
+        m = self.A.to_matrix()
+        return m.conj().T if np.issubdtype(self.dtype, np.complexfloating) else m.T
+
+    def parameters(self) -> dict[str, Any]:
+        return self.A.parameters()
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        return _AdjointOperator(self.A.with_parameters(params))
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # A^H = conj(A)^T; the vjp of conj is conj, so conjugate the transposed-case result.
+        bar = self.A.param_vjp(y_bar, x, _TRANSPOSED_PART[part])
+        if not np.issubdtype(self.dtype, np.complexfloating):
+            return bar
+        return {k: ops_for(v).xp.conj(v) for k, v in bar.items()}
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        return self.A.format_cotangent(params_bar)

@@ -1,0 +1,187 @@
+"""Operators with explicit entries: a dense matrix, and a sparse matrix (scipy.sparse,
+cupyx.scipy.sparse or jax BCOO).
+
+Both expose their entries for Jacobi and SOR and treat them as differentiable parameters:
+a dense matrix's cotangent is ``outer(y_bar, x)``; a sparse matrix's is the same values
+restricted to its pattern, so the gradient of a sparse matrix stays sparse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._array_ops import array_backend_name, ops_for
+from prdp_ops._operators.base import PARTS, LinearOperator
+
+__all__ = ["DenseOperator", "SparseOperator"]
+
+
+def _is_complex(dtype: Any) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.complexfloating)
+
+
+def _restrict_dense(M: Any, part: str) -> Any:
+    """Keep the ``part`` of a dense matrix (see ``LinearOperator.param_vjp``)."""
+    xp = ops_for(M).xp
+    if part == "full":
+        return M
+    if part == "diagonal":
+        return xp.diag(xp.diagonal(M))
+    if part == "strict_lower":
+        return xp.tril(M, -1)
+    if part == "strict_upper":
+        return xp.triu(M, 1)
+    raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+
+
+def _restrict_sparse(values: Any, rows: Any, cols: Any, part: str) -> Any:
+    """Zero the stored values outside the ``part`` (values are in ``data`` order)."""
+    xp = ops_for(values).xp
+    if part == "full":
+        return values
+    keep = {"diagonal": rows == cols, "strict_lower": rows > cols,
+            "strict_upper": rows < cols}.get(part)
+    if keep is None:
+        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+    return xp.where(keep, values, xp.zeros_like(values))
+
+
+class DenseOperator(LinearOperator):
+    """A dense matrix as an operator (numpy, cupy or jax array).
+
+    Parameters
+    ----------
+    matrix
+        A 2-D array. It is referenced, never modified.
+    hermitian
+        Declare the matrix Hermitian (symmetric if real). Not checked.
+    """
+
+    def __init__(self, matrix: Any, *, hermitian: bool = False) -> None:
+        if getattr(matrix, "ndim", None) != 2:
+            raise ValueError(
+                f"A must be a 2-D matrix; got an array of shape {getattr(matrix, 'shape', None)}"
+            )
+        super().__init__(matrix.shape, matrix.dtype)
+        self.matrix = matrix
+        self.hermitian = hermitian
+
+    def _matvec(self, x: Any) -> Any:
+        return self.matrix @ x
+
+    def _rmatvec(self, y: Any) -> Any:
+        if _is_complex(self.dtype):
+            # (y^H A)^H == A^H y, without materialising conj(A).
+            return ops_for(y).xp.conj(ops_for(y).xp.conj(y) @ self.matrix)
+        return y @ self.matrix
+
+    def _matmat(self, X: Any) -> Any:
+        return self.matrix @ X
+
+    def diagonal(self) -> Any:
+        return ops_for(self.matrix).xp.diagonal(self.matrix)
+
+    def to_matrix(self) -> Any:
+        return self.matrix
+
+    def parameters(self) -> dict[str, Any]:
+        return {"matrix": self.matrix}
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        return DenseOperator(params["matrix"], hermitian=self.hermitian)
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return {"matrix": _restrict_dense(ops_for(x).xp.outer(y_bar, x), part)}
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # sum_k outer(y_bar_k, x_k) == Y_bar^T X: one matrix product instead of k outers.
+        return {"matrix": _restrict_dense(Y_bar.T @ X, part)}
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        return params_bar["matrix"] if params_bar else None
+
+
+class SparseOperator(LinearOperator):
+    """A sparse matrix as an operator: scipy.sparse, cupyx.scipy.sparse or jax BCOO.
+
+    SciPy and CuPy matrices are held in canonical CSR form (a copy; the caller's matrix is
+    not touched); their ``data`` array is the differentiable parameter, so cotangents keep
+    the sparsity pattern. A jax BCOO matrix keeps its format; its ``data`` is the parameter.
+
+    Parameters
+    ----------
+    matrix
+        A sparse matrix or array.
+    hermitian
+        Declare the matrix Hermitian (symmetric if real). Not checked.
+    """
+
+    def __init__(self, matrix: Any, *, hermitian: bool = False) -> None:
+        self.backend = array_backend_name(matrix)
+        if self.backend != "jax":
+            matrix = matrix.tocsr(copy=True)
+            matrix.sum_duplicates()  # canonical: one entry per (row, col), sorted indices
+        super().__init__(matrix.shape, matrix.dtype)
+        self.matrix = matrix
+        self.hermitian = hermitian
+
+    def _matvec(self, x: Any) -> Any:
+        return self.matrix @ x
+
+    def _rmatvec(self, y: Any) -> Any:
+        xp = ops_for(y).xp
+        if _is_complex(self.dtype):
+            return xp.conj(self.matrix.T @ xp.conj(y))
+        return self.matrix.T @ y
+
+    def diagonal(self) -> Any:
+        if self.backend == "jax":
+            from prdp_ops.backends.jax import bcoo_diagonal
+
+            return bcoo_diagonal(self.matrix)
+        return self.matrix.diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.matrix
+
+    def _rows_cols(self) -> tuple[Any, Any]:
+        """Row and column index of every stored value, in ``data`` order."""
+        if self.backend == "jax":
+            return self.matrix.indices[:, 0], self.matrix.indices[:, 1]
+        xp = ops_for(self.matrix.data).xp
+        counts = xp.diff(self.matrix.indptr)
+        # cupy.repeat takes its repeats as a list only (a one-off device-to-host copy).
+        rows = xp.repeat(xp.arange(self.shape[0]), counts if xp is np else counts.tolist())
+        return rows, self.matrix.indices
+
+    def parameters(self) -> dict[str, Any]:
+        return {"data": self.matrix.data}
+
+    def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
+        new = type(self).__new__(type(self))
+        LinearOperator.__init__(new, self.shape, params["data"].dtype)
+        new.backend, new.hermitian = self.backend, self.hermitian
+        if self.backend == "jax":
+            new.matrix = type(self.matrix)((params["data"], self.matrix.indices),
+                                           shape=self.shape)
+        else:
+            new.matrix = type(self.matrix)(
+                (params["data"], self.matrix.indices, self.matrix.indptr), shape=self.shape
+            )
+        return new
+
+    def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
+        rows, cols = self._rows_cols()
+        return {"data": _restrict_sparse(y_bar[rows] * x[cols], rows, cols, part)}
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        rows, cols = self._rows_cols()
+        values = (Y_bar[:, rows] * X[:, cols]).sum(axis=0)
+        return {"data": _restrict_sparse(values, rows, cols, part)}
+
+    def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
+        if not params_bar:
+            return None
+        return self.with_parameters(params_bar).matrix

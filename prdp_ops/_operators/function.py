@@ -1,0 +1,93 @@
+"""Matrix-free operators: one built from Python callables, and a wrapper around SciPy's
+``LinearOperator`` (its ``rmatvec`` serves the adjoint)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._operators.base import LinearOperator
+
+__all__ = ["FunctionOperator", "ScipyLinearOperator"]
+
+
+class FunctionOperator(LinearOperator):
+    """An operator defined by a matvec function (and optionally its adjoint).
+
+    Parameters
+    ----------
+    matvec
+        ``x -> A @ x`` for a 1-D ``x``.
+    shape
+        ``(m, n)``; an int ``n`` means ``(n, n)``.
+    dtype
+        The operator's dtype (default float64).
+    rmatvec
+        ``y -> A^H @ y``. Without it the implicit adjoint needs ``hermitian=True`` (or
+        ``symmetric=True`` for a real operator), and fails clearly otherwise.
+    hermitian, symmetric
+        Declare ``A^H == A`` (``symmetric`` is the same flag, for real operators). Not
+        checked.
+    diagonal
+        The operator's main diagonal as a 1-D array, if known; lets Jacobi run matrix-free.
+    """
+
+    def __init__(
+        self,
+        matvec: Callable[[Any], Any],
+        shape: int | tuple[int, int],
+        dtype: Any = np.float64,
+        *,
+        rmatvec: Callable[[Any], Any] | None = None,
+        hermitian: bool = False,
+        symmetric: bool = False,
+        diagonal: Any = None,
+    ) -> None:
+        if not callable(matvec):
+            raise TypeError(f"matvec must be callable; got {type(matvec).__name__}")
+        if rmatvec is not None and not callable(rmatvec):
+            raise TypeError(f"rmatvec must be callable or None; got {type(rmatvec).__name__}")
+        if isinstance(shape, (int, np.integer)):
+            shape = (int(shape), int(shape))
+        super().__init__(shape, dtype)
+        self._matvec_fn, self._rmatvec_fn = matvec, rmatvec
+        self.hermitian = bool(hermitian or symmetric)
+        if diagonal is not None and getattr(diagonal, "shape", None) != (min(self.shape),):
+            raise ValueError(
+                f"diagonal must be a 1-D array of length {min(self.shape)}; got shape "
+                f"{getattr(diagonal, 'shape', None)}"
+            )
+        self._diagonal = diagonal
+
+    def _matvec(self, x: Any) -> Any:
+        return self._matvec_fn(x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        if self._rmatvec_fn is not None:
+            return self._rmatvec_fn(y)
+        return super()._rmatvec(y)
+
+    def diagonal(self) -> Any:
+        if self._diagonal is None:
+            return super().diagonal()
+        return self._diagonal
+
+
+class ScipyLinearOperator(LinearOperator):
+    """Wraps a ``scipy.sparse.linalg.LinearOperator`` (its ``rmatvec`` is the adjoint)."""
+
+    def __init__(self, op: Any, *, hermitian: bool = False) -> None:
+        super().__init__(op.shape, op.dtype if op.dtype is not None else np.float64)
+        self.op = op
+        self.hermitian = hermitian
+
+    def _matvec(self, x: Any) -> Any:
+        return np.asarray(self.op.matvec(x)).reshape(-1)
+
+    def _rmatvec(self, y: Any) -> Any:
+        try:
+            return np.asarray(self.op.rmatvec(y)).reshape(-1)
+        except NotImplementedError:
+            return super()._rmatvec(y)

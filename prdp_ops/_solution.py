@@ -1,0 +1,135 @@
+"""Structured results: what a solve returns and what a vector-Jacobian product returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+__all__ = ["Cotangents", "SolveResult", "SolverError", "Status"]
+
+
+class Status(enum.Enum):
+    """How an iterative solve ended. ``status.message`` says what to do about it."""
+
+    CONVERGED = "converged"
+    MAX_ITERATIONS = "max_iterations"
+    BREAKDOWN = "breakdown"
+    NONFINITE = "nonfinite"
+
+    @property
+    def message(self) -> str:
+        """A sentence saying what happened and what to try."""
+        return _MESSAGES[self]
+
+    @property
+    def is_failure(self) -> bool:
+        """Whether the solve failed numerically (breakdown or NaN/inf), not merely stopped."""
+        return self in (Status.BREAKDOWN, Status.NONFINITE)
+
+
+_MESSAGES = {
+    Status.CONVERGED: "The solve met its tolerance ||b - A x|| <= max(rtol ||b||, atol).",
+    Status.MAX_ITERATIONS: (
+        "The solve ran its maxiter iterations without meeting the tolerance. That is expected "
+        "when the iteration count is set on purpose (PRDP training); otherwise raise maxiter, "
+        "loosen rtol/atol, or add a preconditioner M."
+    ),
+    Status.BREAKDOWN: (
+        "The solver broke down: a denominator of its recurrence vanished while the residual "
+        "did not (for CG: p.Ap <= 0, so A is not symmetric positive definite; for BiCGSTAB: "
+        "a lost bi-orthogonality). Use a solver suited to the matrix (gmres or bicgstab for "
+        "non-symmetric A), or try another x0."
+    ),
+    Status.NONFINITE: (
+        "The residual became NaN or infinite. Check b, x0 and the operator for non-finite "
+        "values, and check that the solver suits the matrix (a stationary method such as "
+        "jacobi diverges unless its iteration matrix has spectral radius < 1)."
+    ),
+}
+
+#: SciPy's ``info`` convention for the failure states (breakdown is negative).
+_FAILURE_INFO = {Status.BREAKDOWN: -1, Status.NONFINITE: -2}
+
+
+class SolverError(RuntimeError):
+    """Raised instead of returning a failed :class:`SolveResult` when the caller asked to raise.
+
+    The failed result is kept as ``error.result``.
+    """
+
+    def __init__(self, message: str, result: SolveResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveResult:
+    """The outcome of one iterative solve.
+
+    Attributes
+    ----------
+    x
+        The final iterate, an array of the backend of ``b``.
+    converged
+        Whether the stopping test ``||b - A x|| <= max(rtol ||b||, atol)`` was met.
+    iterations
+        Number of iterations run (for GMRES, Arnoldi steps, i.e. matrix-vector products).
+    residual_norms
+        1-D NumPy array, entry 0 the initial residual norm, then one entry per iteration.
+        Krylov solvers report their recursively updated residual, as SciPy does.
+    status
+        A :class:`Status`; ``status.message`` explains it.
+    solver
+        Name of the solver that ran.
+    """
+
+    x: Any
+    converged: bool
+    iterations: int
+    residual_norms: Any
+    status: Status
+    solver: str = ""
+
+    @property
+    def info(self) -> int:
+        """SciPy's integer code: 0 converged, >0 iterations without convergence, <0 breakdown."""
+        if self.status is Status.CONVERGED:
+            return 0
+        if self.status is Status.MAX_ITERATIONS:
+            return max(int(self.iterations), 1)
+        return _FAILURE_INFO[self.status]
+
+    @property
+    def message(self) -> str:
+        """What happened, in words, with what to try."""
+        return f"{self.solver or 'solver'}: {self.status.message}"
+
+    @property
+    def residual_norm(self) -> float:
+        """The last recorded residual norm."""
+        return float(self.residual_norms[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Cotangents:
+    """Cotangents returned by the ``vjp`` of :func:`prdp_ops.solve_vjp`.
+
+    Attributes
+    ----------
+    b
+        Cotangent of the right-hand side, with ``b``'s shape.
+    A
+        Cotangent of the operator: an array of A's shape for a dense A, a sparse matrix with
+        A's sparsity pattern for a scipy.sparse A, a dict ``{name: array}`` of parameter
+        cotangents for a parameterised operator (e.g. ``{"c": ...}`` for a diffusion
+        stencil), and ``None`` for an operator without differentiable entries (a plain
+        matvec function).
+    adjoint_result
+        The :class:`SolveResult` of the adjoint solve ``A^T lambda = x_bar`` (implicit mode),
+        so the caller can see how inexact the gradient is; ``None`` in the other modes.
+    """
+
+    b: Any
+    A: Any
+    adjoint_result: SolveResult | None = None

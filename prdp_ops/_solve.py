@@ -1,0 +1,348 @@
+"""``solve`` and ``solve_vjp``: argument checking, then the backend driver and the adjoints.
+
+Implicit adjoint. With ``A x = b`` solved, the implicit function theorem gives, for a
+cotangent ``x_bar`` of ``x`` (JAX's convention, no conjugation),
+
+    A^T lambda = x_bar,   b_bar = lambda,   A_bar = -lambda x^T,
+
+one extra solve with the transpose. We solve it as ``A^H mu = conj(x_bar)``, ``lambda =
+conj(mu)`` (identical for real data), which only needs ``rmatvec``, and with the
+preconditioner's adjoint ``M^H``: an untransposed preconditioner is wrong for a
+non-symmetric ``M`` and can slow the adjoint solve down by orders of magnitude.
+The right-hand side is scaled to unit norm first: CG's ``rho = <r, r>`` of a cotangent of
+size 1e-200 underflows to zero and would turn the gradient into 0/0 = NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._array_ops import ArrayOps, ops_for
+from prdp_ops._operators.base import LinearOperator
+from prdp_ops._operators.convert import aslinearoperator
+from prdp_ops._solution import Cotangents, SolveResult
+from prdp_ops._solver.base import IterativeSolver
+from prdp_ops._solver.registry import resolve_solver
+from prdp_ops.backends import numpy as numpy_backend
+
+__all__ = ["solve", "solve_vjp"]
+
+ADJOINT_MODES = ("implicit", "unrolled", "none")
+FAILURE_POLICIES = ("warn", "raise", "ignore")
+
+
+# -- argument checking ----------------------------------------------------------------------
+def _as_operator(A: Any, name: str = "A") -> LinearOperator:
+    try:
+        op = aslinearoperator(A)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
+    if not op.is_square:
+        raise ValueError(
+            f"{name} must be square for a linear solve; got shape {op.shape}. For a "
+            "least-squares problem solve the normal equations (A^H A x = A^H b) instead"
+        )
+    return op
+
+
+def _check_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int; got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int; got {value}")
+    return int(value)
+
+
+def _check_tolerance(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number >= 0; got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    return float(value)
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
+    return value
+
+
+def _solve_dtype(op: LinearOperator, b: Any, solver: IterativeSolver) -> Any:
+    dtype = np.result_type(op.dtype, b.dtype, np.float32)
+    if np.issubdtype(b.dtype, np.integer) or np.issubdtype(op.dtype, np.integer):
+        dtype = np.result_type(dtype, np.float64)
+    if np.issubdtype(dtype, np.complexfloating) and not solver.supports_complex:
+        raise TypeError(
+            f"solver {solver.name!r} does not support complex data (dtype {dtype}); use "
+            "'gmres', 'bicgstab' or 'cg' (Hermitian A), or split into real and imaginary parts"
+        )
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating)):
+        raise TypeError(f"A and b must be numeric; got dtypes {op.dtype} and {b.dtype}")
+    return dtype
+
+
+def _check_vector(ops: ArrayOps, v: Any, n: int, name: str, dtype: Any) -> Any:
+    shape = getattr(v, "shape", None)
+    if shape not in ((n,), (n, 1)):
+        raise ValueError(
+            f"{name} must have shape ({n},) to match A of shape ({n}, {n}); got shape {shape}"
+        )
+    v = v.reshape(-1).astype(dtype, copy=False)
+    if not bool(ops.is_finite(v)):
+        raise ValueError(f"{name} contains NaN or inf; pass finite values")
+    return v
+
+
+class _Problem:
+    """Checked arguments of one solve."""
+
+    def __init__(self, A: Any, b: Any, solver: Any, x0: Any, maxiter: Any, rtol: Any,
+                 atol: Any, M: Any, on_failure: str, check_every: int,
+                 solver_options: dict[str, Any]) -> None:
+        self.solver = resolve_solver(solver, solver_options)
+        self.A = _as_operator(A)
+        n = self.A.shape[0]
+        if not hasattr(b, "shape"):
+            b = np.asarray(b)
+        self.ops = ops_for(b, x0, *self.A.parameters().values())
+        self.dtype = _solve_dtype(self.A, b, self.solver)
+        self.b = _check_vector(self.ops, b, n, "b", self.dtype)
+        self.x0 = (self.ops.xp.zeros(n, dtype=self.dtype) if x0 is None
+                   else _check_vector(self.ops, x0, n, "x0", self.dtype))
+        self.maxiter = 10 * n if maxiter is None else _check_count(maxiter, "maxiter")
+        self.rtol = _check_tolerance(rtol, "rtol")
+        self.atol = _check_tolerance(atol, "atol")
+        self.on_failure = _check_choice(on_failure, "on_failure", FAILURE_POLICIES)
+        self.check_every = _check_count(check_every, "check_every") or 1
+        self.M = None
+        if M is not None:
+            if not self.solver.supports_preconditioner:
+                raise ValueError(
+                    f"solver {self.solver.name!r} takes no preconditioner M; use 'cg', "
+                    "'gmres', 'bicgstab', 'richardson' or 'steepest_descent' with M"
+                )
+            self.M = _as_operator(M, "M")
+            if self.M.shape != self.A.shape:
+                raise ValueError(f"M must have A's shape {self.A.shape}; got {self.M.shape}")
+
+    def run(self, *, keep_tape: bool = False, callback: Callable | None = None,
+            x0: Any = None, A: LinearOperator | None = None,
+            M: LinearOperator | None = None, b: Any = None) -> numpy_backend.Run:
+        b = self.b if b is None else b
+        bnorm = self.ops.to_float(self.ops.norm(b))
+        tol = max(self.rtol * bnorm, self.atol)
+        return numpy_backend.run_solver(
+            self.solver, self.ops, self.A if A is None else A, b,
+            self.x0 if x0 is None else x0, self.M if M is None else M,
+            maxiter=self.maxiter, tol=tol, stop_on_convergence=tol > 0,
+            callback=callback, keep_tape=keep_tape, check_every=self.check_every,
+            on_failure=self.on_failure,
+        )
+
+
+# -- public functions -------------------------------------------------------------------------
+def solve(
+    A: Any,
+    b: Any,
+    solver: str | IterativeSolver = "cg",
+    *,
+    x0: Any = None,
+    maxiter: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    M: Any = None,
+    callback: Callable[[Any], None] | None = None,
+    on_failure: str = "warn",
+    check_every: int = 1,
+    **solver_options: Any,
+) -> SolveResult:
+    """Solve ``A x = b`` iteratively.
+
+    Parameters
+    ----------
+    A
+        The operator: anything :func:`prdp_ops.aslinearoperator` takes.
+    b
+        Right-hand side, shape ``(n,)`` or ``(n, 1)``; numpy or cupy (jax arrays work but
+        ``prdp_ops.backends.jax.solve`` is the fast path for them).
+    solver
+        A registered name (see :func:`prdp_ops.available_solvers`) or a solver instance.
+    x0
+        Initial guess (default zeros). Never modified.
+    maxiter
+        Iteration limit (default ``10 n``); with ``rtol = atol = 0`` exactly ``maxiter``
+        iterations run. One GMRES iteration is one Arnoldi step.
+    rtol, atol
+        Stop once ``||b - A x|| <= max(rtol ||b||, atol)`` (SciPy's test).
+    M
+        Preconditioner approximating ``A^-1`` (Krylov solvers, Richardson, steepest descent).
+    callback
+        ``callback(xk)`` after every iteration, as in SciPy.
+    on_failure
+        What a breakdown or a NaN does besides being reported in the result: "warn" (log a
+        warning, the default), "raise" (:class:`prdp_ops.SolverError`) or "ignore".
+    check_every
+        Test convergence every this many iterations (each test is a device-to-host sync on
+        CuPy; a larger value trades a few extra iterations for fewer syncs).
+    **solver_options
+        Options of the solver, e.g. ``restart=20`` for GMRES, ``omega=0.8`` for Jacobi.
+
+    Returns
+    -------
+    SolveResult
+        ``x``, ``converged``, ``iterations``, ``residual_norms``, ``status``, ``info``.
+    """
+    problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
+                       solver_options)
+    return problem.run(callback=callback).result
+
+
+def solve_vjp(
+    A: Any,
+    b: Any,
+    solver: str | IterativeSolver = "cg",
+    *,
+    adjoint: str = "implicit",
+    adjoint_maxiter: int | None = None,
+    adjoint_rtol: float | None = None,
+    adjoint_atol: float | None = None,
+    adjoint_solver: str | IterativeSolver | None = None,
+    x0: Any = None,
+    maxiter: int | None = None,
+    rtol: float = 1e-5,
+    atol: float = 0.0,
+    M: Any = None,
+    callback: Callable[[Any], None] | None = None,
+    on_failure: str = "warn",
+    check_every: int = 1,
+    **solver_options: Any,
+) -> tuple[SolveResult, Callable[..., Cotangents]]:
+    """Solve ``A x = b`` and return the result with its vector-Jacobian product.
+
+    Parameters
+    ----------
+    adjoint
+        ``"implicit"``: solve ``A^T lambda = x_bar`` (one solve with the transpose; exact at
+        convergence), giving ``b_bar = lambda`` and ``A_bar = -lambda x^T``.
+        ``"unrolled"``: the exact derivative of the iterations actually run (a reverse sweep
+        over a tape of ``O(iterations * n)`` memory).
+        ``"none"``: zero cotangents, for a solver used as a non-differentiable step.
+    adjoint_maxiter, adjoint_rtol, adjoint_atol, adjoint_solver
+        The implicit adjoint solve's own settings (default: the forward's). The adjoint
+        uses ``M^H`` as its preconditioner.
+    Other parameters
+        As :func:`solve`.
+
+    Returns
+    -------
+    (SolveResult, vjp)
+        ``vjp(x_bar, *, adjoint_x0=None) -> Cotangents`` with ``.b``, ``.A`` and, in implicit
+        mode, ``.adjoint_result``. ``adjoint_x0`` warm-starts the adjoint solve, e.g. with
+        the previous call's ``cotangents.b``.
+    """
+    adjoint = _check_choice(adjoint, "adjoint", ADJOINT_MODES)
+    problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
+                       solver_options)
+    if adjoint == "unrolled" and not problem.solver.supports_unrolled_numpy:
+        raise NotImplementedError(
+            f"solver {problem.solver.name!r} has no reverse step on NumPy/CuPy, so "
+            "adjoint='unrolled' is unavailable there: implement its step_vjp/init_vjp, use "
+            "adjoint='implicit', or call it through prdp_ops.backends.jax (which derives it)"
+        )
+    run = problem.run(keep_tape=adjoint == "unrolled", callback=callback)
+
+    if adjoint == "none":
+        return run.result, _zero_vjp(problem)
+    if adjoint == "unrolled":
+        return run.result, _unrolled_vjp(problem, run)
+    adjoint_problem = _adjoint_problem(problem, adjoint_solver, adjoint_maxiter,
+                                       adjoint_rtol, adjoint_atol)
+    return run.result, _implicit_vjp(problem, adjoint_problem, run.result.x)
+
+
+def _check_cotangent(problem: _Problem, x_bar: Any) -> Any:
+    n = problem.A.shape[0]
+    if getattr(x_bar, "shape", None) not in ((n,), (n, 1)):
+        raise ValueError(
+            f"x_bar must have the solution's shape ({n},); got {getattr(x_bar, 'shape', None)}"
+        )
+    return x_bar.reshape(-1).astype(problem.dtype, copy=False)
+
+
+def _zero_vjp(problem: _Problem) -> Callable[..., Cotangents]:
+    def vjp(x_bar: Any, **_: Any) -> Cotangents:
+        _check_cotangent(problem, x_bar)
+        xp = problem.ops.xp
+        params = {k: xp.zeros_like(v) for k, v in problem.A.parameters().items()}
+        return Cotangents(b=xp.zeros_like(problem.b), A=problem.A.format_cotangent(params))
+
+    return vjp
+
+
+def _unrolled_vjp(problem: _Problem, run: numpy_backend.Run) -> Callable[..., Cotangents]:
+    def vjp(x_bar: Any, **_: Any) -> Cotangents:
+        x_bar = _check_cotangent(problem, x_bar)
+        b_bar, params_bar, _ = numpy_backend.unrolled_vjp(
+            problem.solver, problem.ops, problem.A, problem.b, problem.x0, problem.M, run, x_bar
+        )
+        return Cotangents(b=b_bar, A=problem.A.format_cotangent(params_bar))
+
+    return vjp
+
+
+class _AdjointSettings:
+    def __init__(self, solver: IterativeSolver, maxiter: int, rtol: float, atol: float,
+                 M_H: LinearOperator | None) -> None:
+        self.solver, self.maxiter, self.rtol, self.atol, self.M_H = solver, maxiter, rtol, atol, M_H
+
+
+def _adjoint_problem(problem: _Problem, solver: Any, maxiter: Any, rtol: Any,
+                     atol: Any) -> _AdjointSettings:
+    return _AdjointSettings(
+        solver=problem.solver if solver is None else resolve_solver(solver, {}),
+        maxiter=problem.maxiter if maxiter is None else _check_count(maxiter, "adjoint_maxiter"),
+        rtol=problem.rtol if rtol is None else _check_tolerance(rtol, "adjoint_rtol"),
+        atol=problem.atol if atol is None else _check_tolerance(atol, "adjoint_atol"),
+        M_H=None if problem.M is None else problem.M.H,
+    )
+
+
+def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[..., Cotangents]:
+    ops, xp = problem.ops, problem.ops.xp
+    complex_data = np.issubdtype(problem.dtype, np.complexfloating)
+    conj = xp.conj if complex_data else (lambda v: v)
+    A_H = problem.A.H
+
+    def vjp(x_bar: Any, *, adjoint_x0: Any = None) -> Cotangents:
+        x_bar = _check_cotangent(problem, x_bar)
+        scale = ops.to_float(ops.norm(x_bar))
+        if scale == 0.0:
+            return _zero_vjp(problem)(x_bar)
+        if not math.isfinite(scale):
+            raise ValueError("x_bar contains NaN or inf; the gradient of the loss is not finite")
+        rhs = conj(x_bar) / scale
+        mu0 = (xp.zeros_like(rhs) if adjoint_x0 is None
+               else conj(_check_vector(ops, adjoint_x0, rhs.shape[0], "adjoint_x0",
+                                       problem.dtype)) / scale)
+        tol = max(adj.rtol * 1.0, adj.atol / scale)  # ||rhs|| == 1
+        run = numpy_backend.run_solver(
+            adj.solver, ops, A_H, rhs, mu0, adj.M_H, maxiter=adj.maxiter, tol=tol,
+            stop_on_convergence=tol > 0, check_every=problem.check_every,
+            on_failure=problem.on_failure,
+        )
+        lam = conj(run.result.x) * scale
+        params_bar = problem.A.param_vjp(x, -lam) if problem.A.parameters() else {}
+        adjoint_result = SolveResult(
+            x=lam, converged=run.result.converged, iterations=run.result.iterations,
+            residual_norms=run.result.residual_norms * scale, status=run.result.status,
+            solver=run.result.solver,
+        )
+        return Cotangents(b=lam, A=problem.A.format_cotangent(params_bar),
+                          adjoint_result=adjoint_result)
+
+    return vjp

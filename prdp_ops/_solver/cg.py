@@ -1,0 +1,133 @@
+"""Conjugate gradients (Hestenes-Stiefel), optionally preconditioned.
+
+For Hermitian positive definite ``A`` (and ``M``), CG minimises the A-norm of the error over
+the growing Krylov space. The recurrence, with ``z = M r`` and ``rho = <r, z>``:
+
+    q = A p,  alpha = rho / <p, q>,  x' = x + alpha p,  r' = r - alpha q,
+    z' = M r',  rho' = <r', z'>,  beta = rho' / rho,  p' = z' + beta p.
+
+Operation for operation this is ``scipy.sparse.linalg.cg``, so the iterates agree with
+SciPy's up to rounding. ``<p, q> <= 0`` with a non-zero residual means ``A`` is not positive
+definite along ``p``: the step length is meaningless and the solve is reported as a
+breakdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prdp_ops._array_ops import ArrayOps
+from prdp_ops._solver.base import IterativeSolver, State, cotangent
+
+__all__ = ["CG"]
+
+
+def _precondition(M: Any, r: Any) -> Any:
+    return r if M is None else M.matvec(r)
+
+
+class CG(IterativeSolver):
+    """Conjugate gradients for Hermitian positive definite ``A``.
+
+    Takes no options. A preconditioner ``M`` (Hermitian positive definite, approximating
+    ``A^-1``) may be given to ``solve``.
+    """
+
+    supports_preconditioner = True
+    requires_hermitian = True
+
+    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
+        r = b - A.matvec(x0)
+        z = _precondition(M, r)
+        # "q" (= A p of the last step) is kept in the state for the reverse sweep; the state's
+        # structure must not change between steps (JAX loops), so it starts as zeros.
+        return {"x": x0, "r": r, "p": z, "rho": ops.vdot(r, z), "rnorm": ops.norm(r),
+                "breakdown": ops.xp.asarray(False), "q": ops.xp.zeros_like(r)}
+
+    def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
+        xp = ops.xp
+        x, r, p, rho = state["x"], state["r"], state["p"], state["rho"]
+        q = A.matvec(p)
+        pq = ops.vdot(p, q)
+        alpha = ops.safe_divide(rho, pq)
+        x = x + alpha * p
+        r = r - alpha * q
+        z = _precondition(M, r)
+        rho_new = ops.vdot(r, z)
+        beta = ops.safe_divide(rho_new, rho)
+        rnorm = ops.norm(r)
+        # p.Ap <= 0 while the residual is not yet zero: A is not positive definite.
+        breakdown = xp.logical_and(xp.real(pq) <= 0, state["rnorm"] > 0)
+        return {"x": x, "r": r, "p": z + beta * p, "rho": rho_new, "rnorm": rnorm,
+                "breakdown": breakdown, "q": q}
+
+    # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
+    # Cotangents follow JAX's convention. For s = <a, b> = sum(conj(a) b):
+    # a_bar = conj(b s_bar), b_bar = conj(a) s_bar; for a real dtype the conj are no-ops.
+
+    def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
+               after: State) -> Any:
+        # The reverse step needs x, r, p, rho before the step and q = A p, which the forward
+        # step computed anyway; keeping it saves one matvec per step in the reverse sweep.
+        return (before, after["q"])
+
+    def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
+                 state_bar: State, ctx: Any) -> State:
+        xp = ops.xp
+        before, q = record
+        r, p, rho = before["r"], before["p"], before["rho"]
+        # Recompute the step's scalars and vectors from the recorded state.
+        pq = ops.vdot(p, q)
+        alpha = ops.safe_divide(rho, pq)
+        r_new = r - alpha * q
+        z_new = _precondition(M, r_new)
+        rho_new = ops.vdot(r_new, z_new)
+        beta = ops.safe_divide(rho_new, rho)
+
+        x_bar_new = cotangent(state_bar, "x", r)
+        r_bar_new = cotangent(state_bar, "r", r)
+        p_bar_new = cotangent(state_bar, "p", r)
+        rho_bar_new = cotangent(state_bar, "rho", rho)
+
+        # p' = z' + beta p
+        z_bar = p_bar_new
+        beta_bar = ops.dot(p_bar_new, p)
+        p_bar = beta * p_bar_new
+        # beta = rho' / rho
+        rho_bar_new = rho_bar_new + ops.safe_divide(beta_bar, rho)
+        rho_bar = -beta_bar * ops.safe_divide(beta, rho)
+        # rho' = <r', z'>
+        r_bar_new = r_bar_new + xp.conj(z_new * rho_bar_new)
+        z_bar = z_bar + xp.conj(r_new) * rho_bar_new
+        # z' = M r'
+        r_bar_new = r_bar_new + (z_bar if M is None else ctx.precond_T(z_bar))
+        # r' = r - alpha q ;  x' = x + alpha p
+        r_bar = r_bar_new
+        alpha_bar = ops.dot(x_bar_new, p) - ops.dot(r_bar_new, q)
+        q_bar = -alpha * r_bar_new
+        p_bar = p_bar + alpha * x_bar_new
+        # alpha = rho / pq
+        rho_bar = rho_bar + ops.safe_divide(alpha_bar, pq)
+        pq_bar = -alpha_bar * ops.safe_divide(alpha, pq)
+        # pq = <p, q>
+        q_bar = q_bar + xp.conj(p) * pq_bar
+        p_bar = p_bar + xp.conj(q * pq_bar)
+        # q = A p
+        p_bar = p_bar + ctx.matvec_T(p, q_bar)
+        return {"x": x_bar_new, "r": r_bar, "p": p_bar, "rho": rho_bar}
+
+    def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
+                 ctx: Any) -> Any:
+        xp = ops.xp
+        r = b - A.matvec(x0)
+        z = _precondition(M, r)
+        x_bar = cotangent(state_bar, "x", r)
+        r_bar = cotangent(state_bar, "r", r)
+        rho_bar = cotangent(state_bar, "rho", ops.vdot(r, z))
+        # rho = <r, z> ;  p = z ;  z = M r
+        r_bar = r_bar + xp.conj(z * rho_bar)
+        z_bar = cotangent(state_bar, "p", r) + xp.conj(r) * rho_bar
+        r_bar = r_bar + (z_bar if M is None else ctx.precond_T(z_bar))
+        # r = b - A x0
+        ctx.add_b(r_bar)
+        return x_bar + ctx.matvec_T(x0, -r_bar)
