@@ -19,11 +19,21 @@ from prdp_ops._solution import Status as Status
 from prdp_ops._solve import solve as solve
 from prdp_ops._solve import solve_vjp as solve_vjp
 from prdp_ops._solver.base import IterativeSolver as IterativeSolver
+from prdp_ops._solver.bicgstab import BiCGSTAB as BiCGSTAB
 from prdp_ops._solver.cg import CG as CG
+from prdp_ops._solver.gmres import GMRES as GMRES
+from prdp_ops._solver.jacobi import Jacobi as Jacobi
+from prdp_ops._solver.richardson import Richardson as Richardson
+from prdp_ops._solver.sor import SOR as SOR
+from prdp_ops._solver.steepest_descent import SteepestDescent as SteepestDescent
 from prdp_ops._solver.registry import available_solvers as available_solvers
 from prdp_ops._solver.registry import get_solver as get_solver
 from prdp_ops._solver.registry import register_solver as register_solver
 
-register_solver(CG, "cg")
+for _name, _cls in [("cg", CG), ("bicgstab", BiCGSTAB), ("gmres", GMRES), ("jacobi", Jacobi),
+                    ("sor", SOR), ("richardson", Richardson),
+                    ("steepest_descent", SteepestDescent)]:
+    register_solver(_cls, _name)
+del _name, _cls
 
 __version__ = "0.1.0"
