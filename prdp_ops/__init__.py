@@ -18,6 +18,7 @@ from prdp_ops._solution import SolverError as SolverError
 from prdp_ops._solution import Status as Status
 from prdp_ops._solve import solve as solve
 from prdp_ops._solve import solve_vjp as solve_vjp
+from prdp_ops._controller import PRDPController as PRDPController
 from prdp_ops._solver.base import IterativeSolver as IterativeSolver
 from prdp_ops._solver.bicgstab import BiCGSTAB as BiCGSTAB
 from prdp_ops._solver.cg import CG as CG
