@@ -9,8 +9,8 @@ one extra solve with the transpose. We solve it as ``A^H mu = conj(x_bar)``, ``l
 conj(mu)`` (identical for real data), which only needs ``rmatvec``, and with the
 preconditioner's adjoint ``M^H``: an untransposed preconditioner is wrong for a
 non-symmetric ``M`` and can slow the adjoint solve down by orders of magnitude.
-The right-hand side is scaled to unit norm first: CG's ``rho = <r, r>`` of a cotangent of
-size 1e-200 underflows to zero and would turn the gradient into 0/0 = NaN.
+The right-hand side is scaled to unit max-norm first: CG's ``rho = <r, r>`` of a cotangent
+of size 1e-200 underflows to zero and would turn the gradient into 0/0 = NaN.
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ class _Problem:
         b = self.b if b is None else b
         bnorm = self.ops.to_float(self.ops.norm(b))
         tol = max(self.rtol * bnorm, self.atol)
+        if bnorm == 0.0 and (self.rtol > 0 or self.atol > 0):
+            # As SciPy: x = 0 solves A x = 0 exactly, whatever x0 was.
+            return numpy_backend.zero_solution(self.solver, self.ops, b)
         return numpy_backend.run_solver(
             self.solver, self.ops, self.A if A is None else A, b,
             self.x0 if x0 is None else x0, self.M if M is None else M,
@@ -320,7 +323,8 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
 
     def vjp(x_bar: Any, *, adjoint_x0: Any = None) -> Cotangents:
         x_bar = _check_cotangent(problem, x_bar)
-        scale = ops.to_float(ops.norm(x_bar))
+        # The max-norm: the 2-norm itself would underflow for a cotangent of size 1e-300.
+        scale = ops.to_float(xp.max(xp.abs(x_bar)))
         if scale == 0.0:
             return _zero_vjp(problem)(x_bar)
         if not math.isfinite(scale):
@@ -329,7 +333,7 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
         mu0 = (xp.zeros_like(rhs) if adjoint_x0 is None
                else conj(_check_vector(ops, adjoint_x0, rhs.shape[0], "adjoint_x0",
                                        problem.dtype)) / scale)
-        tol = max(adj.rtol * 1.0, adj.atol / scale)  # ||rhs|| == 1
+        tol = max(adj.rtol * ops.to_float(ops.norm(rhs)), adj.atol / scale)
         run = numpy_backend.run_solver(
             adj.solver, ops, A_H, rhs, mu0, adj.M_H, maxiter=adj.maxiter, tol=tol,
             stop_on_convergence=tol > 0, check_every=problem.check_every,
