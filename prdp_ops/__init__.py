@@ -12,6 +12,8 @@ from prdp_ops._operators.dense import DenseOperator as DenseOperator
 from prdp_ops._operators.dense import SparseOperator as SparseOperator
 from prdp_ops._operators.function import FunctionOperator as FunctionOperator
 from prdp_ops._operators.function import ScipyLinearOperator as ScipyLinearOperator
+from prdp_ops._operators.stencil import DiffusionStencil as DiffusionStencil
+from prdp_ops._operators.stencil import LaplacianStencil as LaplacianStencil
 from prdp_ops._solution import Cotangents as Cotangents
 from prdp_ops._solution import SolveResult as SolveResult
 from prdp_ops._solution import SolverError as SolverError
