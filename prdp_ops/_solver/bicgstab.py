@@ -1,15 +1,182 @@
-"""Placeholder: being implemented (a helper replaces this file)."""
+"""BiCGSTAB (van der Vorst, 1992), optionally preconditioned.
+
+For a general (non-Hermitian) ``A``. With the shadow residual ``r_hat = r_0``, the
+preconditioner ``M`` (approximating ``A^-1``) and ``<a, b> = sum(conj(a) b)``, one iteration
+is one full BiCGSTAB step with two matrix-vector products:
+
+    rho' = <r_hat, r>,  beta = (rho' / rho) (alpha / omega),  p' = r + beta (p - omega v),
+    p_hat = M p',  v' = A p_hat,  alpha' = rho' / <r_hat, v'>,  s = r - alpha' v',
+    s_hat = M s,  t = A s_hat,  omega' = <t, s> / <t, t>,
+    x' = x + alpha' p_hat + omega' s_hat,  r' = s - omega' t.
+
+The preconditioning is the same as ``scipy.sparse.linalg.bicgstab``'s (``M`` applied to
+``p`` and ``s``, so ``r`` is the true, unpreconditioned residual), and the state starts from
+``rho = alpha = omega = 1``, ``p = v = 0``, which makes the first step take ``p = r`` as
+SciPy's does. Breakdown -- ``rho' = 0``, ``<r_hat, v'> = 0`` or ``omega' = 0`` while the
+residual is not zero -- is reported in ``state["breakdown"]``; the divisions are guarded so
+that it never produces NaN.
+"""
 
 from __future__ import annotations
 
-from prdp_ops._solver.base import IterativeSolver
+from typing import Any
+
+from prdp_ops._array_ops import ArrayOps
+from prdp_ops._solver.base import IterativeSolver, State, cotangent
 
 __all__ = ["BiCGSTAB"]
 
 
-class BiCGSTAB(IterativeSolver):
-    def init(self, ops, A, b, x0, M):  # noqa: D102
-        raise NotImplementedError("bicgstab is not implemented yet")
+def _precondition(M: Any, r: Any) -> Any:
+    return r if M is None else M.matvec(r)
 
-    def step(self, ops, A, b, state, M):  # noqa: D102
-        raise NotImplementedError("bicgstab is not implemented yet")
+
+def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
+    return z_bar if M is None else ctx.precond_T(z_bar)
+
+
+class BiCGSTAB(IterativeSolver):
+    """Biconjugate gradients stabilised, for general square ``A``.
+
+    Takes no options. A preconditioner ``M`` (approximating ``A^-1``) may be given to
+    ``solve``; it is applied as in ``scipy.sparse.linalg.bicgstab``, and the reported
+    residual norm is that of the true residual ``b - A x``. One iteration costs two
+    matrix-vector products with ``A`` (and two applications of ``M``).
+    """
+
+    supports_preconditioner = True
+
+    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
+        xp = ops.xp
+        r = b - A.matvec(x0)
+        one = xp.ones((), dtype=r.dtype)
+        zeros = xp.zeros_like(r)
+        # "t" (= A s_hat of the last step) is kept only for the reverse sweep; every key is
+        # present from the start so that the state's structure never changes (JAX loops).
+        return {"x": x0, "r": r, "r_hat": r, "p": zeros, "v": zeros, "t": zeros,
+                "rho": one, "alpha": one, "omega": one, "rnorm": ops.norm(r),
+                "breakdown": xp.asarray(False)}
+
+    def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
+        xp = ops.xp
+        x, r, r_hat = state["x"], state["r"], state["r_hat"]
+        rho_new = ops.vdot(r_hat, r)
+        beta = ops.safe_divide(rho_new, state["rho"]) * ops.safe_divide(
+            state["alpha"], state["omega"])
+        p = r + beta * (state["p"] - state["omega"] * state["v"])
+        p_hat = _precondition(M, p)
+        v = A.matvec(p_hat)
+        rv = ops.vdot(r_hat, v)
+        alpha = ops.safe_divide(rho_new, rv)
+        s = r - alpha * v
+        s_hat = _precondition(M, s)
+        t = A.matvec(s_hat)
+        omega = ops.safe_divide(ops.vdot(t, s), ops.vdot(t, t))
+        x = x + alpha * p_hat + omega * s_hat
+        r = s - omega * t
+        # A vanishing rho' or <r_hat, v'> (lost bi-orthogonality), or omega' = 0 with s != 0
+        # (the stabilising step stalls, and the next beta would divide by it), while the
+        # residual is not yet zero: the recurrence cannot continue.
+        lost = xp.logical_or(rho_new == 0, rv == 0)
+        stalled = xp.logical_and(omega == 0, ops.norm(s) > 0)
+        breakdown = xp.logical_and(xp.logical_or(lost, stalled), state["rnorm"] > 0)
+        return {"x": x, "r": r, "r_hat": r_hat, "p": p, "v": v, "t": t, "rho": rho_new,
+                "alpha": alpha, "omega": omega, "rnorm": ops.norm(r), "breakdown": breakdown}
+
+    # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
+    # Cotangents follow JAX's convention. For s = <a, b> = sum(conj(a) b):
+    # a_bar = conj(b s_bar), b_bar = conj(a) s_bar. For q = n / d: n_bar = q_bar / d,
+    # d_bar = -q_bar q / d (both zero where safe_divide returned 0).
+
+    def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
+               after: State) -> Any:
+        # The vectors the step made (p', v', t) and the new scalars are in ``after``; keeping
+        # t saves a matvec per reverse step. M p' and M s are recomputed in the reverse.
+        return (before, after)
+
+    def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
+                 state_bar: State, ctx: Any) -> State:
+        xp = ops.xp
+        before, after = record
+        r, r_hat, p_old, v_old = before["r"], before["r_hat"], before["p"], before["v"]
+        rho, alpha_old, omega_old = before["rho"], before["alpha"], before["omega"]
+        p, v, t = after["p"], after["v"], after["t"]
+        rho_new, alpha, omega = after["rho"], after["alpha"], after["omega"]
+        # Recompute the step's intermediate values.
+        ratio_rho = ops.safe_divide(rho_new, rho)
+        ratio_ao = ops.safe_divide(alpha_old, omega_old)
+        beta = ratio_rho * ratio_ao
+        w = p_old - omega_old * v_old
+        p_hat = _precondition(M, p)
+        rv = ops.vdot(r_hat, v)
+        s = r - alpha * v
+        s_hat = _precondition(M, s)
+        tt = ops.vdot(t, t)
+
+        x_bar = cotangent(state_bar, "x", r)
+        r_bar_new = cotangent(state_bar, "r", r)
+        t_bar = cotangent(state_bar, "t", r)
+        omega_bar = cotangent(state_bar, "omega", omega)
+        alpha_bar = cotangent(state_bar, "alpha", alpha)
+        rho_new_bar = cotangent(state_bar, "rho", rho)
+        v_bar = cotangent(state_bar, "v", r)
+        p_bar_new = cotangent(state_bar, "p", r)
+        r_hat_bar = cotangent(state_bar, "r_hat", r)
+
+        # r' = s - omega' t
+        s_bar = r_bar_new
+        t_bar = t_bar - omega * r_bar_new
+        omega_bar = omega_bar - ops.dot(r_bar_new, t)
+        # x' = x + alpha' p_hat + omega' s_hat
+        alpha_bar = alpha_bar + ops.dot(x_bar, p_hat)
+        omega_bar = omega_bar + ops.dot(x_bar, s_hat)
+        p_hat_bar = alpha * x_bar
+        s_hat_bar = omega * x_bar
+        # omega' = ts / tt
+        ts_bar = ops.safe_divide(omega_bar, tt)
+        tt_bar = -omega_bar * ops.safe_divide(omega, tt)
+        # ts = <t, s>,  tt = <t, t>
+        t_bar = t_bar + xp.conj(s * ts_bar) + xp.conj(t * tt_bar) + xp.conj(t) * tt_bar
+        s_bar = s_bar + xp.conj(t) * ts_bar
+        # t = A s_hat ;  s_hat = M s
+        s_hat_bar = s_hat_bar + ctx.matvec_T(s_hat, t_bar)
+        s_bar = s_bar + _precondition_T(M, ctx, s_hat_bar)
+        # s = r - alpha' v'
+        r_bar = s_bar
+        alpha_bar = alpha_bar - ops.dot(s_bar, v)
+        v_bar = v_bar - alpha * s_bar
+        # alpha' = rho' / rv
+        rho_new_bar = rho_new_bar + ops.safe_divide(alpha_bar, rv)
+        rv_bar = -alpha_bar * ops.safe_divide(alpha, rv)
+        # rv = <r_hat, v'>
+        r_hat_bar = r_hat_bar + xp.conj(v * rv_bar)
+        v_bar = v_bar + xp.conj(r_hat) * rv_bar
+        # v' = A p_hat ;  p_hat = M p'
+        p_hat_bar = p_hat_bar + ctx.matvec_T(p_hat, v_bar)
+        p_bar_new = p_bar_new + _precondition_T(M, ctx, p_hat_bar)
+        # p' = r + beta w,  w = p - omega v
+        r_bar = r_bar + p_bar_new
+        beta_bar = ops.dot(p_bar_new, w)
+        w_bar = beta * p_bar_new
+        p_bar = w_bar
+        v_bar_old = -omega_old * w_bar
+        omega_bar_old = -ops.dot(w_bar, v_old)
+        # beta = (rho' / rho) (alpha / omega)
+        ratio_rho_bar = beta_bar * ratio_ao
+        ratio_ao_bar = beta_bar * ratio_rho
+        rho_new_bar = rho_new_bar + ops.safe_divide(ratio_rho_bar, rho)
+        rho_bar = -ratio_rho_bar * ops.safe_divide(ratio_rho, rho)
+        alpha_bar_old = ops.safe_divide(ratio_ao_bar, omega_old)
+        omega_bar_old = omega_bar_old - ratio_ao_bar * ops.safe_divide(ratio_ao, omega_old)
+        # rho' = <r_hat, r>
+        r_hat_bar = r_hat_bar + xp.conj(r * rho_new_bar)
+        r_bar = r_bar + xp.conj(r_hat) * rho_new_bar
+        return {"x": x_bar, "r": r_bar, "r_hat": r_hat_bar, "p": p_bar, "v": v_bar_old,
+                "rho": rho_bar, "alpha": alpha_bar_old, "omega": omega_bar_old}
+
+    def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
+                 ctx: Any) -> Any:
+        # r = r_hat = b - A x0; the other initial values are constants.
+        r_bar = cotangent(state_bar, "r", x0) + cotangent(state_bar, "r_hat", x0)
+        ctx.add_b(r_bar)
+        return cotangent(state_bar, "x", x0) + ctx.matvec_T(x0, -r_bar)
