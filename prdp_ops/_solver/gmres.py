@@ -1,15 +1,272 @@
-"""Placeholder: being implemented (a helper replaces this file)."""
+"""Restarted GMRES (Saad and Schultz, 1986) with right preconditioning.
+
+One iteration is one Arnoldi step (one product with ``A``), so ``maxiter`` counts
+matrix-vector products and a restart cycle of ``restart`` steps is ``restart`` iterations.
+
+Within a cycle started at ``x_c`` with residual ``r_c = b - A x_c``, ``beta = ||r_c||``, the
+Arnoldi process on ``A M`` builds an orthonormal basis ``V`` (rows ``v_0 = r_c / beta``,
+``v_1``, ...) and the Hessenberg matrix ``H`` with ``A M V_j = V_{j+1} H_j``. After ``j``
+steps the iterate is
+
+    x_j = x_c + M V_j y_j,   y_j = argmin_y || beta e_1 - H_j y ||,
+
+whose residual ``b - A x_j = V_{j+1} (beta e_1 - H_j y_j)`` is the *true* residual (right
+preconditioning), so the reported residual norm is ``||b - A x_j||`` and not a
+preconditioned one. The least-squares problem is kept in QR form: ``Q`` accumulates the
+Givens rotations with ``Q H_j = [R_j; 0]``, so ``||b - A x_j|| = beta |Q[j, 0]|`` is known
+after every step without forming ``x_j``. When a cycle is full, the next step first restarts:
+``x_c <- x_restart``, with the residual recomputed as ``b - A x_c`` (one extra product per
+restart, which keeps the reported residual honest).
+
+The state has fixed shapes (``V`` is ``(restart + 1, n)``; unused rows are zero and masked
+out), so the same code runs inside ``jax.lax.while_loop``. Orthogonalisation is classical
+Gram-Schmidt applied twice (CGS2), which is as accurate as modified Gram-Schmidt and made of
+two matrix-vector products with ``V`` instead of a loop. A happy breakdown (``h_{j+1,j} = 0``:
+the Krylov space is invariant and ``x_j`` is exact) is convergence, not failure; a zero
+pivot ``R_jj = 0`` while the residual is non-zero (``A M`` singular on the Krylov space) is
+reported as breakdown.
+"""
 
 from __future__ import annotations
 
-from prdp_ops._solver.base import IterativeSolver
+import numbers
+from typing import Any
+
+from prdp_ops._array_ops import ArrayOps
+from prdp_ops._solver.base import IterativeSolver, State, cotangent
 
 __all__ = ["GMRES"]
 
 
-class GMRES(IterativeSolver):
-    def init(self, ops, A, b, x0, M):  # noqa: D102
-        raise NotImplementedError("gmres is not implemented yet")
+def _precondition(M: Any, r: Any) -> Any:
+    return r if M is None else M.matvec(r)
 
-    def step(self, ops, A, b, state, M):  # noqa: D102
-        raise NotImplementedError("gmres is not implemented yet")
+
+def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
+    return z_bar if M is None else ctx.precond_T(z_bar)
+
+
+def _masked_triangle(ops: ArrayOps, R: Any, j: Any) -> Any:
+    """``R`` (``m x m``, upper triangular) with its trailing block past ``j`` replaced by ``I``.
+
+    Solving with it gives the ``j x j`` triangular solution padded with zeros, at a fixed
+    size. A zero pivot (only after a happy breakdown, whose later columns are zero, or a
+    reported breakdown) is replaced by 1 so the solve stays finite.
+    """
+    xp = ops.xp
+    m = R.shape[0]
+    active = xp.arange(m) < j
+    block = xp.logical_and(active[:, None], active[None, :])
+    diag_fix = xp.logical_or(xp.logical_not(active), xp.diagonal(R) == 0)
+    return xp.where(block, R, 0) + xp.diag(xp.where(diag_fix, 1, 0).astype(R.dtype))
+
+
+def _cycle_solution(ops: ArrayOps, state: State) -> tuple[Any, Any, Any]:
+    """The least-squares solution ``y`` of the current cycle (padded to length ``restart``),
+    with the masked triangular factor and right-hand side it came from."""
+    xp = ops.xp
+    Q, H, j = state["Q"], state["H"], state["j"]
+    m = H.shape[1]
+    R = _masked_triangle(ops, (Q @ H)[:m], j)
+    g = xp.where(xp.arange(m) < j, state["beta"] * Q[:m, 0], 0)
+    return xp.linalg.solve(R, g), R, g
+
+
+def _start_cycle(ops: ArrayOps, A: Any, b: Any, x: Any, m: int) -> State:
+    """The state of a fresh cycle at ``x``: ``v_0 = r / ||r||`` with ``r = b - A x``."""
+    xp = ops.xp
+    r = b - A.matvec(x)
+    beta = ops.norm(r)
+    V = ops.set_at(xp.zeros((m + 1, *r.shape), dtype=r.dtype), 0, ops.safe_divide(r, beta))
+    return {"x_cycle": x, "V": V, "H": xp.zeros((m + 1, m), dtype=r.dtype),
+            "Q": xp.eye(m + 1, dtype=r.dtype), "beta": beta, "j": xp.asarray(0, dtype=xp.int32)}
+
+
+def _orthogonalise(ops: ArrayOps, V_active: Any, w: Any) -> tuple[Any, Any, Any, Any]:
+    """CGS2: project ``w`` off the rows of ``V_active`` twice.
+
+    Returns ``(h1, h2, w1, w2)``: the two coefficient vectors and the vector after each pass
+    (``h1 + h2`` is the Hessenberg column, ``w2`` the unnormalised new basis vector).
+    """
+    xp = ops.xp
+    h1 = xp.conj(V_active) @ w
+    w1 = w - V_active.T @ h1
+    h2 = xp.conj(V_active) @ w1
+    w2 = w1 - V_active.T @ h2
+    return h1, h2, w1, w2
+
+
+class GMRES(IterativeSolver):
+    """Restarted GMRES with right preconditioning, for general square ``A``.
+
+    Parameters
+    ----------
+    restart
+        Arnoldi steps per cycle (the Krylov basis holds ``restart + 1`` vectors of length
+        ``n``). Default 20, as in SciPy.
+
+    Notes
+    -----
+    One iteration is one Arnoldi step, i.e. one product with ``A``; each restart costs one
+    more product for the explicit residual. The preconditioner ``M`` is applied on the right
+    (``A M u = b``, ``x = M u``), so the reported residual norms are those of ``b - A x``.
+    The unrolled reverse sweep works cycle by cycle: the forward tape keeps one basis per
+    finished cycle (``O(iterations * n)`` memory), and the reverse of a cycle recomputes its
+    ``A M v_j`` (one product with ``A`` per step) besides the ``A^T`` products.
+    """
+
+    supports_preconditioner = True
+
+    def __init__(self, restart: int = 20) -> None:
+        if isinstance(restart, bool) or not isinstance(restart, numbers.Integral):
+            raise TypeError(f"restart must be an int >= 1 (Arnoldi steps per cycle); got "
+                            f"{restart!r}")
+        if restart < 1:
+            raise ValueError(f"restart must be an int >= 1 (Arnoldi steps per cycle); got "
+                             f"{restart}")
+        super().__init__(restart=int(restart))
+
+    @property
+    def restart(self) -> int:
+        """Arnoldi steps per cycle."""
+        return self.options["restart"]
+
+    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
+        state = _start_cycle(ops, A, b, x0, self.restart)
+        return {**state, "rnorm": state["beta"], "breakdown": ops.xp.asarray(False)}
+
+    def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
+        xp = ops.xp
+        m = self.restart
+
+        def restart_cycle(s: State) -> State:
+            return {**s, **_start_cycle(ops, A, b, self.iterate(ops, A, b, s, M), m)}
+
+        state = ops.cond(state["j"] == m, restart_cycle, lambda s: s, state)
+        V, H, Q, beta, j = state["V"], state["H"], state["Q"], state["beta"], state["j"]
+
+        # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j (the rows in use).
+        w = A.matvec(_precondition(M, V[j]))
+        V_active = xp.where((xp.arange(m + 1) <= j)[:, None], V, 0)
+        h1, h2, _, w2 = _orthogonalise(ops, V_active, w)
+        h_next = ops.norm(w2)
+        column = ops.set_at(h1 + h2, j + 1, h_next)
+        V = ops.set_at(V, j + 1, ops.safe_divide(w2, h_next))
+        H = ops.set_at(H, (slice(None), j), column)
+
+        # Givens: rotate the new column by the previous rotations (Q), then annihilate its
+        # subdiagonal entry with G = [[conj(c), conj(s)], [-s, c]], c = a / rho, s = h / rho.
+        rotated = Q @ column
+        a = rotated[j]
+        rho = xp.sqrt(xp.abs(a) ** 2 + h_next**2)
+        c = xp.where(rho == 0, xp.ones_like(a), ops.safe_divide(a, rho))
+        s = ops.safe_divide(h_next, rho).astype(a.dtype)
+        q_j, q_next = Q[j], Q[j + 1]
+        Q = ops.set_at(ops.set_at(Q, j, xp.conj(c) * q_j + xp.conj(s) * q_next),
+                       j + 1, c * q_next - s * q_j)
+        # ||b - A x_{j+1}|| = beta |e_{j+1}^T Q e_0|; before the step it was beta |Q[j, 0]|.
+        residual_before = beta * xp.abs(q_j[0])
+        breakdown = xp.logical_and(rho == 0, residual_before > 0)
+        return {"x_cycle": state["x_cycle"], "V": V, "H": H, "Q": Q, "beta": beta,
+                "j": j + 1, "rnorm": beta * xp.abs(Q[j + 1, 0]), "breakdown": breakdown}
+
+    def iterate(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> Any:
+        y, _, _ = _cycle_solution(ops, state)
+        return state["x_cycle"] + _precondition(M, state["V"][:-1].T @ y)
+
+    # -- reverse sweep (NumPy/CuPy), cycle by cycle ---------------------------------------
+    # The cotangent passed between steps is that of the cycle's start "x_cycle" only: the
+    # reverse of a whole cycle (x_end = x_c + M V_J y_J with the Arnoldi relations) is done
+    # at once, by iterate_vjp for the last cycle and by the step_vjp of the step that began
+    # with a restart for each finished one. The other steps' reverses are the identity.
+    # Cotangents follow JAX's convention (the pairing Re sum(z_bar * dz), no conjugation).
+
+    def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
+               after: State) -> Any:
+        # Only a step that began with a restart keeps something: the finished cycle's state
+        # (references, not copies), one basis per cycle.
+        if int(ops.to_float(before["j"])) == self.restart:
+            return before
+        return None
+
+    def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
+                 state_bar: State, ctx: Any) -> State:
+        x_cycle_bar = cotangent(state_bar, "x_cycle", b)
+        if record is None:
+            return {"x_cycle": x_cycle_bar}
+        return {"x_cycle": self._cycle_vjp(ops, A, b, M, record, x_cycle_bar, ctx)}
+
+    def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
+                 ctx: Any) -> Any:
+        return cotangent(state_bar, "x_cycle", x0)
+
+    def iterate_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, state: State, x_bar: Any,
+                    ctx: Any) -> State:
+        return {"x_cycle": self._cycle_vjp(ops, A, b, M, state, x_bar, ctx)}
+
+    def _cycle_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, state: State, x_bar: Any,
+                   ctx: Any) -> Any:
+        """Map the cotangent of the cycle's end point ``x_c + M V_J y_J`` to that of ``x_c``
+        (``b`` and ``A`` receive their shares through ``ctx``)."""
+        xp = ops.xp
+        V, H, beta = state["V"], state["H"], state["beta"]
+        J = int(ops.to_float(state["j"]))
+        y, R, _ = _cycle_solution(ops, state)
+        y, R = y[:J], R[:J, :J]
+        H_J = H[: J + 1, :J]
+        # x_end = x_c + M u,  u = V_J^T y
+        u_bar = _precondition_T(M, ctx, x_bar)
+        V_bar = xp.zeros_like(V)
+        V_bar = ops.set_at(V_bar, slice(0, J), y[:, None] * u_bar[None, :])
+        y_bar = V[:J] @ u_bar
+        # y = argmin ||c - H_J y||, c = beta e_1, H_J = Q^H [R; 0]. With eta solving
+        # R^H R eta = conj(y_bar) and the least-squares residual l = c - H_J y:
+        # c_bar = conj(H_J eta),  H_bar = -conj(H_J eta) y^T + conj(l) eta^T.
+        eta = xp.linalg.solve(R, xp.linalg.solve(xp.conj(R.T), xp.conj(y_bar)))
+        c = xp.zeros(J + 1, dtype=H.dtype)
+        c = ops.set_at(c, 0, beta)
+        c_bar = xp.conj(H_J @ eta)
+        H_bar = -c_bar[:, None] * y[None, :] + xp.conj(c - H_J @ y)[:, None] * eta[None, :]
+        beta_bar = xp.real(c_bar[0])
+        for j in range(J - 1, -1, -1):
+            V_bar = self._arnoldi_vjp(ops, A, M, V, H, j, H_bar[: j + 2, j], V_bar, ctx)
+        # v_0 = r / beta,  beta = ||r||,  r = b - A x_c
+        v0 = V[0]
+        beta_bar = beta_bar - xp.real(ops.dot(V_bar[0], v0)) * ops.safe_divide(1.0, beta)
+        r_bar = ops.safe_divide(V_bar[0], beta) + beta_bar * xp.conj(v0)
+        ctx.add_b(r_bar)
+        return x_bar + ctx.matvec_T(state["x_cycle"], -r_bar)
+
+    def _arnoldi_vjp(self, ops: ArrayOps, A: Any, M: Any, V: Any, H: Any, j: int,
+                     column_bar: Any, V_bar: Any, ctx: Any) -> Any:
+        """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar``.
+
+        ``column_bar`` is the cotangent of ``H[:j+2, j]``; ``V_bar[j+1]`` must already hold
+        the full cotangent of the basis vector this step created.
+        """
+        xp = ops.xp
+        V_active = V[: j + 1]
+        z = _precondition(M, V[j])
+        w = A.matvec(z)  # recomputed: the tape keeps no per-step vectors
+        h1, h2, w1, _ = _orthogonalise(ops, V_active, w)
+        h_next = xp.real(H[j + 1, j])
+        v_new = V[j + 1]
+        v_new_bar = V_bar[j + 1]
+        # v_new = w2 / h_next,  h_next = ||w2||
+        h_next_bar = xp.real(column_bar[j + 1]) - xp.real(ops.dot(v_new_bar, v_new)) * \
+            ops.safe_divide(1.0, h_next)
+        w2_bar = ops.safe_divide(v_new_bar, h_next) + h_next_bar * xp.conj(v_new)
+        h_bar = column_bar[: j + 1]
+        # w2 = w1 - V^T h2,  h2 = conj(V) w1
+        h2_bar = h_bar - V_active @ w2_bar
+        Va_bar = -h2[:, None] * w2_bar[None, :] + xp.conj(h2_bar[:, None] * w1[None, :])
+        w1_bar = w2_bar + xp.conj(V_active).T @ h2_bar
+        # w1 = w - V^T h1,  h1 = conj(V) w
+        h1_bar = h_bar - V_active @ w1_bar
+        Va_bar = Va_bar - h1[:, None] * w1_bar[None, :] + xp.conj(h1_bar[:, None] * w[None, :])
+        w_bar = w1_bar + xp.conj(V_active).T @ h1_bar
+        V_bar = ops.set_at(V_bar, slice(0, j + 1), V_bar[: j + 1] + Va_bar)
+        # w = A z,  z = M v_j
+        z_bar = ctx.matvec_T(z, w_bar)
+        V_bar = ops.set_at(V_bar, j, V_bar[j] + _precondition_T(M, ctx, z_bar))
+        return V_bar
