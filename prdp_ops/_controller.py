@@ -280,7 +280,7 @@ class PRDPController:
         self._residual_tol = (
             None if residual_tol is None else _as_residual_tol(residual_tol)
         )
-        # alpha = 1 reproduces the raw loss: e_n = e_{n-1} + (l_n - e_{n-1}) = l_n.
+        # alpha = 1 means no smoothing: the rule then tests the raw loss.
         self._alpha = 2.0 / (self._ema_window + 1) if self._use_ema else 1.0
         self._reset_state()
 
@@ -395,8 +395,7 @@ class PRDPController:
         loss = _as_signal("loss", loss)
         residual = None if residual is None else _as_signal("residual", residual)
 
-        previous = self._recent_emas[-1] if self._recent_emas else loss
-        ema = previous + self._alpha * (loss - previous)
+        ema = self._smooth(loss)
         recent = [*self._recent_emas, ema][-self._lookback:]
         converged = self._residual_tol is not None and residual is not None and (
             residual <= self._residual_tol
@@ -436,6 +435,15 @@ class PRDPController:
         self._history.append(entry)
         self._log(entry)
         return decision
+
+    def _smooth(self, loss: float) -> float:
+        """The next moving average (the loss itself for the seed and without smoothing)."""
+        if not self._recent_emas or self._alpha == 1.0:
+            return loss
+        previous = self._recent_emas[-1]
+        # e_n = e_{n-1} + alpha (l_n - e_{n-1}): a convex combination, so never above
+        # max(l_n, e_{n-1}); O(1) work and memory per check.
+        return previous + self._alpha * (loss - previous)
 
     def _decide(self, ema: float, plateau: bool, converged: bool) -> tuple[Decision, str]:
         """The decision and its reason, from the state before this check (pure)."""
