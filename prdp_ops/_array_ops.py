@@ -51,6 +51,25 @@ class ArrayOps:
         """Return the Euclidean norm of ``a`` as a real 0-d array."""
         return self.xp.sqrt(self.xp.real(self.vdot(a, a)))
 
+    def solve_triangular(self, T: Any, rhs: Any, lower: bool) -> Any:
+        """Return ``y`` with ``T y = rhs`` for a triangular ``T`` (SOR's sweep).
+
+        Signature every backend keeps: ``solve_triangular(T, rhs, lower) -> y``, ``T`` a
+        dense 2-D array or a sparse matrix of the backend holding a triangle with a non-zero
+        diagonal (``lower=True``: the lower one), ``rhs`` 1-D. Here: a numpy array
+        (``scipy.linalg.solve_triangular``) or a scipy.sparse matrix
+        (``scipy.sparse.linalg.spsolve_triangular`` on CSR/CSC). No finiteness check, so a
+        diverging iteration is reported by the driver rather than raising here.
+        """
+        import scipy.linalg  # lazy: scipy is only needed by the solvers that use this
+        import scipy.sparse
+        import scipy.sparse.linalg
+
+        if scipy.sparse.issparse(T):
+            T = T if T.format in ("csr", "csc") else T.tocsr()
+            return scipy.sparse.linalg.spsolve_triangular(T, rhs, lower=lower)
+        return scipy.linalg.solve_triangular(T, rhs, lower=lower, check_finite=False)
+
     # -- functional updates -----------------------------------------------------------
     def set_at(self, a: Any, index: Any, value: Any) -> Any:
         """Return a copy of ``a`` with ``a[index] = value`` (``a`` is left untouched)."""

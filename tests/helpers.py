@@ -105,7 +105,8 @@ SOLVER_CASES = [
     SolverCase("jacobi", {"omega": 0.8}, matrix="dominant"),
     SolverCase("sor", {"omega": 1.0}, matrix="dominant"),
     SolverCase("sor", {"omega": 1.2}, matrix="dominant"),
-    SolverCase("richardson", {"omega": 0.05}, matrix="spd", preconditioner_ok=True),
+    # spd() has eigenvalues in [1, 50]: Richardson converges for omega < 2/50.
+    SolverCase("richardson", {"omega": 0.035}, matrix="spd", preconditioner_ok=True),
     SolverCase("steepest_descent", matrix="spd", preconditioner_ok=True),
 ]
 
