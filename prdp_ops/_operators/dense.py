@@ -48,6 +48,14 @@ def _restrict_sparse(values: Any, rows: Any, cols: Any, part: str) -> Any:
     return xp.where(keep, values, xp.zeros_like(values))
 
 
+def _like_parameter(bar: Any, param: Any) -> Any:
+    """A real parameter's cotangent is real: JAX's convention for a real input whose use
+    meets complex vectors (the loss is real, so the imaginary part carries no gradient)."""
+    if _is_complex(bar.dtype) and not _is_complex(param.dtype):
+        return ops_for(bar).xp.real(bar)
+    return bar
+
+
 class DenseOperator(LinearOperator):
     """A dense matrix as an operator (numpy, cupy or jax array).
 
@@ -93,11 +101,12 @@ class DenseOperator(LinearOperator):
         return DenseOperator(params["matrix"], hermitian=self.hermitian)
 
     def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
-        return {"matrix": _restrict_dense(ops_for(x).xp.outer(y_bar, x), part)}
+        bar = _restrict_dense(ops_for(x).xp.outer(y_bar, x), part)
+        return {"matrix": _like_parameter(bar, self.matrix)}
 
     def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
         # sum_k outer(y_bar_k, x_k) == Y_bar^T X: one matrix product instead of k outers.
-        return {"matrix": _restrict_dense(Y_bar.T @ X, part)}
+        return {"matrix": _like_parameter(_restrict_dense(Y_bar.T @ X, part), self.matrix)}
 
     def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
         return params_bar["matrix"] if params_bar else None
@@ -174,12 +183,14 @@ class SparseOperator(LinearOperator):
 
     def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
         rows, cols = self._rows_cols()
-        return {"data": _restrict_sparse(y_bar[rows] * x[cols], rows, cols, part)}
+        bar = _restrict_sparse(y_bar[rows] * x[cols], rows, cols, part)
+        return {"data": _like_parameter(bar, self.matrix.data)}
 
     def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
         rows, cols = self._rows_cols()
         values = (Y_bar[:, rows] * X[:, cols]).sum(axis=0)
-        return {"data": _restrict_sparse(values, rows, cols, part)}
+        return {"data": _like_parameter(_restrict_sparse(values, rows, cols, part),
+                                        self.matrix.data)}
 
     def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
         if not params_bar:
