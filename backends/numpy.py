@@ -197,11 +197,12 @@ def unrolled_vjp(
     """Reverse sweep through the iterations of ``run``: the exact derivative of the map
     ``(b, A, x0) -> x_K`` that the forward pass computed.
 
-    Returns ``(b_bar, A's parameter cotangents, x0_bar)``.
+    Returns ``(b_bar, params_bar, x0_bar)`` where ``params_bar()`` computes A's parameter
+    cotangents from the recorded pairs (deferred: it costs about a matvec per pair).
     """
     ctx = ReverseContext(ops, A, M, b)
     state_bar = solver.iterate_vjp(ops, A, b, M, run.state, x_bar, ctx)
     for record in reversed(run.tape):
         state_bar = solver.step_vjp(ops, A, b, M, record, state_bar, ctx)
     x0_bar = solver.init_vjp(ops, A, b, x0, M, state_bar, ctx)
-    return ctx.b_bar, ctx.param_cotangents(), x0_bar
+    return ctx.b_bar, ctx.param_cotangents, x0_bar

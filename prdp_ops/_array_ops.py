@@ -122,6 +122,13 @@ class NumpyOps(ArrayOps):
     def __init__(self) -> None:
         super().__init__(np)
 
+    def safe_divide(self, num: Any, den: Any) -> Any:
+        # Scalars (step lengths) are the common case: a plain branch is much cheaper than
+        # the masked array expression, which matters for small problems.
+        if np.ndim(den) == 0 and np.ndim(num) == 0:
+            return num / den if den != 0 else num * 0
+        return super().safe_divide(num, den)
+
 
 _NUMPY_OPS = NumpyOps()
 

@@ -111,7 +111,6 @@ class SolveResult:
         return float(self.residual_norms[-1])
 
 
-@dataclasses.dataclass(frozen=True)
 class Cotangents:
     """Cotangents returned by the ``vjp`` of :func:`prdp_ops.solve_vjp`.
 
@@ -124,12 +123,25 @@ class Cotangents:
         A's sparsity pattern for a scipy.sparse A, a dict ``{name: array}`` of parameter
         cotangents for a parameterised operator (e.g. ``{"c": ...}`` for a diffusion
         stencil), and ``None`` for an operator without differentiable entries (a plain
-        matvec function).
+        matvec function). Computed on first access: a caller who needs only ``b`` does not
+        pay for it (for an unrolled sparse solve it costs about one matvec per iteration).
     adjoint_result
         The :class:`SolveResult` of the adjoint solve ``A^T lambda = x_bar`` (implicit mode),
         so the caller can see how inexact the gradient is; ``None`` in the other modes.
     """
 
-    b: Any
-    A: Any
-    adjoint_result: SolveResult | None = None
+    def __init__(self, b: Any, A: Any = None, adjoint_result: SolveResult | None = None, *,
+                 A_thunk: Any = None) -> None:
+        self.b = b
+        self.adjoint_result = adjoint_result
+        self._A = A
+        self._A_thunk = A_thunk
+
+    @property
+    def A(self) -> Any:
+        if self._A_thunk is not None:
+            self._A, self._A_thunk = self._A_thunk(), None
+        return self._A
+
+    def __repr__(self) -> str:
+        return f"Cotangents(b=<{getattr(self.b, 'shape', None)}>, A=<computed on access>)"

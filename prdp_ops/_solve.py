@@ -293,7 +293,8 @@ def _unrolled_vjp(problem: _Problem, run: numpy_backend.Run) -> Callable[..., Co
         b_bar, params_bar, _ = numpy_backend.unrolled_vjp(
             problem.solver, problem.ops, problem.A, problem.b, problem.x0, problem.M, run, x_bar
         )
-        return Cotangents(b=b_bar, A=problem.A.format_cotangent(params_bar))
+        return Cotangents(b=b_bar,
+                          A_thunk=lambda: problem.A.format_cotangent(params_bar()))
 
     return vjp
 
@@ -340,13 +341,14 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
             on_failure=problem.on_failure,
         )
         lam = conj(run.result.x) * scale
-        params_bar = problem.A.param_vjp(x, -lam) if problem.A.parameters() else {}
         adjoint_result = SolveResult(
             x=lam, converged=run.result.converged, iterations=run.result.iterations,
             residual_norms=run.result.residual_norms * scale, status=run.result.status,
             solver=run.result.solver,
         )
-        return Cotangents(b=lam, A=problem.A.format_cotangent(params_bar),
-                          adjoint_result=adjoint_result)
+        return Cotangents(
+            b=lam, adjoint_result=adjoint_result,
+            A_thunk=lambda: problem.A.format_cotangent(problem.A.param_vjp(x, -lam)),
+        )
 
     return vjp

@@ -142,8 +142,16 @@ class SparseOperator(LinearOperator):
     def _rmatvec(self, y: Any) -> Any:
         xp = ops_for(y).xp
         if _is_complex(self.dtype):
-            return xp.conj(self.matrix.T @ xp.conj(y))
-        return self.matrix.T @ y
+            return xp.conj(self._transposed() @ xp.conj(y))
+        return self._transposed() @ y
+
+    def _transposed(self) -> Any:
+        """``A^T`` in CSR form, built once: adjoint solves apply it at every iteration."""
+        if self.backend == "jax":
+            return self.matrix.T
+        if getattr(self, "_matrix_T", None) is None:
+            self._matrix_T = self.matrix.T.tocsr()
+        return self._matrix_T
 
     def diagonal(self) -> Any:
         if self.backend == "jax":

@@ -55,7 +55,8 @@ class CG(IterativeSolver):
         z = _precondition(M, r)
         rho_new = ops.vdot(r, z)
         beta = ops.safe_divide(rho_new, rho)
-        rnorm = ops.norm(r)
+        # Unpreconditioned, rho = <r, r> already is the squared residual norm.
+        rnorm = ops.norm(r) if M is not None else ops.xp.sqrt(ops.xp.real(rho_new))
         # p.Ap <= 0 while the residual is not yet zero: A is not positive definite.
         breakdown = xp.logical_and(xp.real(pq) <= 0, state["rnorm"] > 0)
         return {"x": x, "r": r, "p": z + beta * p, "rho": rho_new, "rnorm": rnorm,
@@ -67,15 +68,15 @@ class CG(IterativeSolver):
 
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The reverse step needs x, r, p, rho before the step and q = A p, which the forward
-        # step computed anyway; keeping it saves one matvec per step in the reverse sweep.
-        return (before, after["q"])
+        # The reverse step needs r, p, rho before the step (not x: the step is affine in x)
+        # and q = A p, which the forward step computed anyway; keeping q saves one matvec
+        # per step in the reverse sweep. Memory: three n-vectors per iteration.
+        return (before["r"], before["p"], before["rho"], after["q"])
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
         xp = ops.xp
-        before, q = record
-        r, p, rho = before["r"], before["p"], before["rho"]
+        r, p, rho, q = record
         # Recompute the step's scalars and vectors from the recorded state.
         pq = ops.vdot(p, q)
         alpha = ops.safe_divide(rho, pq)
