@@ -270,7 +270,14 @@ class _StencilOperator(LinearOperator):
 
     def _apply(self, u: Any) -> Any:
         """``A u`` on grid-shaped values ``(..., *grid)``: the backend dispatch point."""
-        return apply_stencil(self._namespace(u), self._scaled_faces(), u, self.boundary)
+        xp = self._namespace(u)
+        if getattr(xp, "__name__", "") == "cupy":
+            # One fused CUDA kernel instead of ~10 array operations per axis; the module
+            # (and cupy) is imported only once CuPy data is in use.
+            from prdp_ops.backends.cupy import apply_stencil_fused
+
+            return apply_stencil_fused(self._scaled_faces(), u, self.boundary)
+        return apply_stencil(xp, self._scaled_faces(), u, self.boundary)
 
     def _matvec(self, x: Any) -> Any:
         return self._apply(x.reshape(self.grid_shape)).reshape(-1)
