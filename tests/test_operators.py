@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spl
-from helpers import HAS_CUPY, poisson_1d, poisson_2d, random_vector, spd
+from helpers import HAS_CUPY, random_vector, spd
 
 import prdp_ops as po
 
@@ -263,14 +263,6 @@ def test_stencil_matrices_are_canonical_csr_with_the_stencil_pattern():
     M = A.to_matrix()
     assert sp.isspmatrix_csr(M) and M.has_canonical_format
     assert M.nnz == 20 * 5  # the node and its four distinct neighbours
-
-
-@pytest.mark.parametrize("n, h", [(6, 1.0), (9, 0.1)])
-def test_laplacian_is_poisson_over_h_squared(n, h):
-    np.testing.assert_allclose(po.LaplacianStencil(n, spacing=h).to_matrix().toarray(),
-                               poisson_1d(n).toarray() / h**2, rtol=1e-13)
-    np.testing.assert_allclose(dense_of(po.LaplacianStencil((n, n), spacing=h)),
-                               poisson_2d(n).toarray() / h**2, rtol=1e-13, atol=1e-9)
 
 
 @pytest.mark.parametrize("boundary", BOUNDARIES)
