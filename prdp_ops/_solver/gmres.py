@@ -110,6 +110,8 @@ class GMRES(IterativeSolver):
     One iteration is one Arnoldi step, i.e. one product with ``A``; each restart costs one
     more product for the explicit residual. The preconditioner ``M`` is applied on the right
     (``A M u = b``, ``x = M u``), so the reported residual norms are those of ``b - A x``.
+    (``scipy.sparse.linalg.gmres`` preconditions on the left and tests ``M (b - A x)``;
+    without ``M`` the two give the same iterates cycle for cycle.)
     The unrolled reverse sweep works cycle by cycle: the forward tape keeps one basis per
     finished cycle (``O(iterations * n)`` memory), and the reverse of a cycle recomputes its
     ``A M v_j`` (one product with ``A`` per step) besides the ``A^T`` products.
