@@ -264,13 +264,17 @@ def test_steepest_descent_breakdown_is_reported():
         po.solve(A, np.array([0.0, 1.0, 0.0]), "steepest_descent", on_failure="raise")
 
 
-def test_steepest_descent_zero_residual_gives_no_nan():
+def test_steepest_descent_zero_denominator_gives_no_nan():
     A = spd(4)
-    b = random_vector(4)
-    exact = np.linalg.solve(A, b)
-    result = po.solve(A, A @ exact, "steepest_descent", x0=exact, maxiter=3, rtol=0, atol=0,
+    # r = 0 exactly: <z, A z> = 0 is the converged case, not a breakdown.
+    result = po.solve(A, np.zeros(4), "steepest_descent", maxiter=3, rtol=0, atol=0,
                       on_failure="raise")
-    assert np.all(np.isfinite(result.x))
+    assert result.converged and not np.any(result.x)
+    # r != 0 but z = M r = 0 (a singular preconditioner): a breakdown, still no NaN.
+    result = po.solve(A, random_vector(4), "steepest_descent", M=np.zeros((4, 4)),
+                      maxiter=3, rtol=0, atol=0, on_failure="ignore")
+    assert result.status is po.Status.BREAKDOWN
+    assert np.all(np.isfinite(result.x)) and np.all(np.isfinite(result.residual_norms))
 
 
 # -- adjoints -------------------------------------------------------------------------------
