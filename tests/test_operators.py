@@ -724,3 +724,41 @@ def test_laplacian_has_no_parameters():
     assert L.param_vjp(np.ones(9), np.ones(9)) == {}
     assert L.with_parameters({}) is L
     assert math.isclose(L.diagonal()[4], 4.0)
+
+
+# -- scalars ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda A: 2.5 * A, lambda A: A * 2.5, lambda A: np.float64(2.5) * A,
+    lambda A: A * np.float32(2.5), lambda A: A * np.array(2.5), lambda A: np.array(2.5) * A,
+    lambda A: A / 0.4, lambda A: -(-2.5 * A),
+], ids=["left", "right", "np-left", "np32-right", "0d-right", "0d-left", "divide", "negate"])
+def test_every_scalar_form_scales(make):
+    D = nonsymmetric(4, seed=14)
+    A = make(po.aslinearoperator(D))
+    assert isinstance(A, po.LinearOperator)
+    v = random_vector(4, dtype=np.complex128)
+    np.testing.assert_allclose(A @ v, 2.5 * D @ v, rtol=1e-6)
+    np.testing.assert_allclose(A.H @ v, 2.5 * D.T @ v, rtol=1e-6)
+
+
+def test_complex_scalar_is_conjugated_in_the_adjoint_and_drops_hermitian():
+    S = spd(4, seed=2)
+    A = po.aslinearoperator(S, hermitian=True)
+    assert (2.0 * A).hermitian and not (2j * A).hermitian
+    v = random_vector(4, dtype=np.complex128)
+    np.testing.assert_allclose((A / 2j).H @ v, (S / 2j).conj().T @ v, rtol=1e-13)
+    with pytest.raises(ValueError, match="divided by a scalar"):
+        A / A
+
+
+def test_traced_jax_scalar_scales_an_operator_under_jit_and_grad():
+    jax = _jax()
+    _require_jax_backend()
+    jnp = jax.numpy
+    L = po.LaplacianStencil(5, spacing=0.5)
+    D = L.to_matrix().toarray()
+    v = random_vector(5)
+    scaled = jax.jit(lambda a, x: (a * L) @ x)(jnp.asarray(3.0), jnp.asarray(v))
+    np.testing.assert_allclose(np.asarray(scaled), 3.0 * D @ v, rtol=1e-13)
+    grad = jax.grad(lambda a: jnp.sum((L * a).H @ jnp.asarray(v)))(2.0)
+    np.testing.assert_allclose(float(grad), np.sum(D @ v), rtol=1e-13)

@@ -35,6 +35,16 @@ def _result_dtype(*dtypes: Any) -> Any:
     return np.result_type(*[np.dtype(d) for d in dtypes])
 
 
+def _is_scalar(value: Any) -> bool:
+    """A Python/NumPy number or a 0-d array of any backend (a traced JAX scalar included)."""
+    return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
+
+
+def _scalar_dtype(value: Any) -> Any:
+    # JAX and CuPy scalars carry a dtype; np.asarray would pull a traced one to the host.
+    return value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+
+
 class LinearOperator(abc.ABC):
     """Abstract base of every operator prdp_ops solves with.
 
@@ -168,18 +178,23 @@ class LinearOperator(abc.ABC):
         return _ScaledOperator(self, -1)
 
     def __mul__(self, other: Any) -> Any:
-        if isinstance(other, numbers.Number) or np.ndim(other) == 0 and not hasattr(
-            other, "shape"
-        ):
+        if _is_scalar(other):
             return _ScaledOperator(self, other)
         if isinstance(other, LinearOperator):
             return _ProductOperator(self, other)
         return self @ other
 
     def __rmul__(self, other: Any) -> LinearOperator:
-        if isinstance(other, numbers.Number):
+        if _is_scalar(other):
             return _ScaledOperator(self, other)
         return NotImplemented
+
+    def __truediv__(self, other: Any) -> LinearOperator:
+        if not _is_scalar(other):
+            raise ValueError(
+                f"an operator can only be divided by a scalar; got {type(other).__name__}"
+            )
+        return _ScaledOperator(self, 1 / other)
 
     def __repr__(self) -> str:
         m, n = self.shape
@@ -339,15 +354,16 @@ class _ScaledOperator(LinearOperator):
     """``alpha * A`` for a scalar ``alpha`` (a constant, not a parameter)."""
 
     def __init__(self, A: LinearOperator, alpha: Any) -> None:
-        super().__init__(A.shape, _result_dtype(A.dtype, np.asarray(alpha).dtype))
+        super().__init__(A.shape, _result_dtype(A.dtype, _scalar_dtype(alpha)))
         self.A, self.alpha = A, alpha
-        self.hermitian = A.hermitian and np.isrealobj(alpha)
+        self.hermitian = A.hermitian and not np.issubdtype(_scalar_dtype(alpha),
+                                                           np.complexfloating)
 
     def _matvec(self, x: Any) -> Any:
         return self.alpha * self.A._matvec(x)
 
     def _rmatvec(self, y: Any) -> Any:
-        return np.conj(self.alpha) * self.A._rmatvec(y)
+        return ops_for(y).xp.conj(self.alpha) * self.A._rmatvec(y)
 
     def diagonal(self) -> Any:
         return self.alpha * self.A.diagonal()
