@@ -1,0 +1,287 @@
+"""The JAX loop driver and the unrolled reverse sweep (private to ``prdp_ops.backends.jax``).
+
+The driver runs any registered solver's ``init``/``step`` inside ``lax.while_loop`` with the
+NumPy driver's stopping rule (:func:`prdp_ops.backends.numpy.run_solver`): ``tol =
+max(rtol ||b||, atol)``; ``tol == 0`` runs exactly ``maxiter`` iterations; a breakdown or a
+non-finite residual stops the loop and keeps the last good state. ``maxiter`` and ``tol`` may
+be traced, so a jitted caller compiles once for every iteration count.
+
+The unrolled reverse sweep differentiates the iterations that ran: the forward loop keeps
+the state before every step (only the entries the step reads), and the backward loop pulls
+the cotangent back through ``jax.vjp`` of one ``step`` at a time. JAX derives each step's
+reverse from the solver's own ``step``; nothing is solver-specific here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from prdp_ops._solution import Status
+from prdp_ops._solver.base import IterativeSolver, State
+
+__all__ = ["STATUSES", "LoopOutput", "Tape", "run_loop", "unrolled_pullback"]
+
+#: Status codes of the JAX driver: ``STATUSES[code]`` is the :class:`~prdp_ops.Status`.
+STATUSES = (Status.CONVERGED, Status.MAX_ITERATIONS, Status.BREAKDOWN, Status.NONFINITE)
+CONVERGED, MAX_ITERATIONS, BREAKDOWN, NONFINITE = range(4)
+
+#: ``Rebuild`` turns A's parameter dict into the operator (so gradients reach the arrays).
+Rebuild = Callable[[dict[str, Any]], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tape:
+    """Where the forward loop keeps the states the reverse sweep starts its steps from.
+
+    ``capacity`` states of the ``keys`` that ``step`` reads (the rest do not influence a
+    step's derivative). With ``every > 1`` only every ``every``-th state is kept and the
+    others are recomputed during the reverse sweep (one more forward pass, memory
+    ``capacity / every + every`` states instead of ``capacity``).
+    """
+
+    capacity: int
+    keys: tuple[str, ...]
+    every: int = 1
+
+    @property
+    def slots(self) -> int:
+        return -(-self.capacity // self.every)
+
+
+class LoopOutput(NamedTuple):
+    """What :func:`run_loop` returns (all jax arrays)."""
+
+    state: State
+    iterations: Any  # steps run, the failing one included (as on NumPy)
+    accepted: Any  # steps whose result was kept (= iterations unless a failure stopped it)
+    status: Any  # index into STATUSES
+    history: Any  # residual norms: capacity + 1 entries (NaN past the end) or [first, last]
+    tape: Any  # dict of stacked states, or None
+
+
+def _is_inexact(value: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(value), jnp.inexact)
+
+
+def _keep_if(failed: Any, old: State, new: State, live: tuple[str, ...]) -> State:
+    """``old`` where the step failed, else ``new``, for the entries that matter later.
+
+    Entries neither ``step`` nor ``iterate`` reads (CG's ``q``) take the new value: selecting
+    them would only keep them alive in the loop carry.
+    """
+    return {k: jnp.where(failed, old[k], v) if k in live else v for k, v in new.items()}
+
+
+def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
+             maxiter: Any, tol: Any, *, history_size: int | None = None,
+             tape: Tape | None = None) -> LoopOutput:
+    """Run ``solver`` from ``x0`` for at most ``maxiter`` iterations under ``lax.while_loop``.
+
+    Parameters
+    ----------
+    maxiter, tol
+        The iteration limit (an int32 scalar, possibly traced) and the absolute residual
+        tolerance ``max(rtol ||b||, atol)`` (possibly traced); ``tol == 0`` runs exactly
+        ``maxiter`` iterations.
+    history_size
+        Keep every residual norm in a buffer of ``history_size + 1`` entries (static);
+        ``None`` keeps only the first and the last.
+    tape
+        Keep the states the unrolled reverse sweep needs (see :class:`Tape`); the loop then
+        also stops after ``tape.capacity`` iterations.
+    """
+    state = solver.init(ops, A, b, x0, M)
+    live = keys_read(solver, ops, A, M, b, state)
+    r0 = solver.residual_norm(ops, state)
+    stop_on_convergence = tol > 0
+    status = jnp.where(stop_on_convergence & (r0 <= tol), CONVERGED, MAX_ITERATIONS)
+    zero = jnp.zeros((), jnp.int32)
+    history = None
+    if history_size is not None:
+        history = jnp.full((history_size + 1,), jnp.nan, r0.dtype).at[0].set(r0)
+    buffers = None
+    if tape is not None:
+        buffers = {k: jnp.zeros((tape.slots, *jnp.shape(state[k])), jnp.result_type(state[k]))
+                   for k in tape.keys}
+        limit = jnp.minimum(maxiter, tape.capacity)
+    else:
+        limit = maxiter
+    carry = (state, zero, zero, status.astype(jnp.int32), r0, history, buffers)
+
+    def running(carry: tuple) -> Any:
+        _, iterations, _, status, *_ = carry
+        return (status == MAX_ITERATIONS) & (iterations < limit)
+
+    def body(carry: tuple) -> tuple:
+        state, iterations, accepted, _, _, history, buffers = carry
+        if buffers is not None:
+            buffers = _push(buffers, state, accepted, tape)
+        new_state = solver.step(ops, A, b, state, M)
+        rnorm = solver.residual_norm(ops, new_state)
+        failure = jnp.where(~jnp.isfinite(rnorm), NONFINITE,
+                            jnp.where(solver.breakdown(ops, new_state), BREAKDOWN,
+                                      MAX_ITERATIONS))
+        failed = failure != MAX_ITERATIONS
+        # Keep the last good state on failure: a NaN iterate would poison a training loop.
+        state = _keep_if(failed, state, new_state, live)
+        converged = stop_on_convergence & (rnorm <= tol)
+        status = jnp.where(failed, failure, jnp.where(converged, CONVERGED, MAX_ITERATIONS))
+        iterations = iterations + 1
+        if history is not None:
+            history = history.at[iterations].set(rnorm)
+        return (state, iterations, accepted + (~failed).astype(jnp.int32),
+                status.astype(jnp.int32), rnorm, history, buffers)
+
+    state, iterations, accepted, status, rnorm, history, buffers = lax.while_loop(
+        running, body, carry)
+    # A fixed iteration count (tol == 0) reports "converged" only for a zero residual.
+    status = jnp.where((status == MAX_ITERATIONS) & ~stop_on_convergence & (rnorm <= tol),
+                       CONVERGED, status).astype(jnp.int32)
+    if history is None:
+        history = jnp.stack([r0, rnorm])
+    return LoopOutput(state, iterations, accepted, status, history, buffers)
+
+
+def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict[str, Any]:
+    """Store ``state`` (the one before step ``index``) if it starts a checkpoint segment."""
+    if tape.every == 1:
+        return {k: buf.at[index].set(state[k]) for k, buf in buffers.items()}
+    keep = index % tape.every == 0
+    slot = index // tape.every
+    return {k: buf.at[slot].set(jnp.where(keep, state[k], buf[slot]))
+            for k, buf in buffers.items()}
+
+
+def _consumed(fn: Callable[[State], Any], state: State) -> set[str]:
+    """The entries of ``state`` that ``fn`` reads, found from its jaxpr."""
+    keys = sorted(state)
+    closed = jax.make_jaxpr(lambda *leaves: fn(dict(zip(keys, leaves, strict=True))))
+    jaxpr = closed(*[state[k] for k in keys]).jaxpr
+    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    return {k for k, var in zip(keys, jaxpr.invars, strict=True) if id(var) in used}
+
+
+def keys_read_by_step(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
+                      state: State) -> tuple[str, ...]:
+    """The state entries ``solver.step`` computes with: the only ones a step's derivative
+    depends on, so the only ones the tape keeps (not CG's ``q``, which each step recomputes).
+
+    Entries a step merely passes through unchanged count as read, conservatively.
+    """
+    return tuple(sorted(_consumed(lambda s: solver.step(ops, A, b, s, M), state)))
+
+
+def keys_read(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
+              state: State) -> tuple[str, ...]:
+    """The entries ``step`` or ``iterate`` read: those a failed step must not overwrite."""
+    read = _consumed(lambda s: solver.step(ops, A, b, s, M), state)
+    read |= _consumed(lambda s: solver.iterate(ops, A, b, s, M), state)
+    return tuple(sorted(read))
+
+
+# -- the unrolled reverse sweep -----------------------------------------------------------------
+def _differentiable(state: State) -> tuple[State, State]:
+    """Split a state into its floating-point entries and the rest (flags, counters)."""
+    diff = {k: v for k, v in state.items() if _is_inexact(v)}
+    fixed = {k: v for k, v in state.items() if not _is_inexact(v)}
+    return diff, fixed
+
+
+def _add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def unrolled_pullback(solver: IterativeSolver, ops: Any, rebuild: Rebuild, M: Any,
+                      params: dict[str, Any], b: Any, x0: Any, loop: LoopOutput, tape: Tape,
+                      x_bar: Any) -> tuple[dict[str, Any], Any, Any]:
+    """Pull ``x_bar`` back through the iterations of ``loop``: ``(params_bar, b_bar, x0_bar)``.
+
+    The exact derivative of ``x_K = iterate(step^K(init(b, x0)))`` with ``K =
+    loop.accepted``. Each reverse step re-evaluates one forward step inside ``jax.vjp``, so
+    the sweep costs about two forward passes (three with checkpointing).
+    """
+    final = loop.state
+
+    def iterate(diff: State, p: dict[str, Any], b: Any) -> Any:
+        return solver.iterate(ops, rebuild(p), b, {**diff, **fixed_final}, M)
+
+    diff_final, fixed_final = _differentiable(final)
+    _, pull = jax.vjp(iterate, diff_final, params, b)
+    state_bar, params_bar, b_bar = pull(x_bar)
+    template = final
+
+    def step_pullback(state: State, carry: tuple) -> tuple:
+        state_bar, params_bar, b_bar = carry
+        diff, fixed = _differentiable(state)
+
+        def step(d: State, p: dict[str, Any], b: Any) -> State:
+            new = solver.step(ops, rebuild(p), b, {**d, **fixed}, M)
+            return {key: new[key] for key in d}
+
+        _, pull = jax.vjp(step, diff, params, b)
+        d_bar, p_bar, bb = pull(state_bar)
+        return d_bar, _add(params_bar, p_bar), b_bar + bb
+
+    def restore(saved: dict[str, Any]) -> State:
+        # Entries the step does not read may hold anything: zeros keep shapes and dtypes.
+        return {k: saved[k] if k in saved else jnp.zeros_like(v) for k, v in template.items()}
+
+    carry = (state_bar, params_bar, b_bar)
+    accepted = loop.accepted
+    if tape.every == 1:
+        def body(i: Any, carry: tuple) -> tuple:
+            k = accepted - 1 - i
+            saved = {key: buf[k] for key, buf in loop.tape.items()}
+            return step_pullback(restore(saved), carry)
+
+        carry = lax.fori_loop(0, accepted, body, carry)
+    else:
+        carry = _checkpointed_sweep(solver, ops, rebuild(params), M, b, loop, tape, restore,
+                                    step_pullback, carry)
+    state_bar, params_bar, b_bar = carry
+
+    def init(p: dict[str, Any], b: Any, x0: Any) -> State:
+        return _differentiable(solver.init(ops, rebuild(p), b, x0, M))[0]
+
+    _, pull = jax.vjp(init, params, b, x0)
+    p_bar, bb, x0_bar = pull(state_bar)
+    return _add(params_bar, p_bar), b_bar + bb, x0_bar
+
+
+def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
+                        loop: LoopOutput, tape: Tape, restore: Callable,
+                        step_pullback: Callable, carry: tuple) -> tuple:
+    """Reverse sweep with a checkpoint every ``tape.every`` steps: each segment is recomputed
+    forward from its checkpoint into a buffer of ``tape.every`` states, then reversed."""
+    every, accepted = tape.every, loop.accepted
+    template = restore({})
+    segments = (accepted + every - 1) // every
+
+    def segment(i: Any, carry: tuple) -> tuple:
+        s = segments - 1 - i
+        start = s * every
+        length = jnp.minimum(every, accepted - start)
+        first = restore({key: buf[s] for key, buf in loop.tape.items()})
+        local = jax.tree_util.tree_map(
+            lambda v: jnp.zeros((every, *jnp.shape(v)), jnp.result_type(v)), template)
+
+        def forward(j: Any, acc: tuple) -> tuple:
+            state, local = acc
+            local = {k: local[k].at[j].set(state[k]) for k in local}
+            return solver.step(ops, A, b, state, M), local
+
+        _, local = lax.fori_loop(0, length, forward, (first, local))
+
+        def backward(j: Any, carry: tuple) -> tuple:
+            k = length - 1 - j
+            return step_pullback({key: buf[k] for key, buf in local.items()}, carry)
+
+        return lax.fori_loop(0, length, backward, carry)
+
+    return lax.fori_loop(0, segments, segment, carry)
