@@ -762,3 +762,13 @@ def test_traced_jax_scalar_scales_an_operator_under_jit_and_grad():
     np.testing.assert_allclose(np.asarray(scaled), 3.0 * D @ v, rtol=1e-13)
     grad = jax.grad(lambda a: jnp.sum((L * a).H @ jnp.asarray(v)))(2.0)
     np.testing.assert_allclose(float(grad), np.sum(D @ v), rtol=1e-13)
+
+
+def test_np_matrix_vectors_are_accepted_like_scipy():
+    D = nonsymmetric(4, seed=15)
+    A = po.aslinearoperator(D)
+    column = np.asmatrix(np.arange(4.0)).T
+    np.testing.assert_allclose(np.asarray(A @ column), D @ np.arange(4.0).reshape(-1, 1))
+    np.testing.assert_allclose(np.asarray(A.rmatvec(column)), D.T @ np.arange(4.0).reshape(-1, 1))
+    block = np.asmatrix(np.ones((4, 2)))
+    np.testing.assert_allclose(np.asarray(A @ block), D @ np.ones((4, 2)))

@@ -114,6 +114,8 @@ class LinearOperator(abc.ABC):
 
     def matmat(self, X: Any) -> Any:
         """Return ``A @ X`` for a 2-D ``X`` of shape ``(n, k)``."""
+        if isinstance(X, np.matrix):
+            X = np.asarray(X)  # np.matrix keeps 2-D through reshape; compute on ndarrays
         if getattr(X, "ndim", None) != 2 or X.shape[0] != self.shape[1]:
             raise ValueError(
                 f"X must be a 2-D array with {self.shape[1]} rows for an operator of shape "
@@ -274,6 +276,8 @@ class LinearOperator(abc.ABC):
         return ops_for(*self.parameters().values())
 
     def _check_vector(self, v: Any, length: int, name: str) -> tuple[Any, bool]:
+        if isinstance(v, np.matrix):
+            v = np.asarray(v)
         shape = getattr(v, "shape", None)
         if shape == (length,):
             return v, False
@@ -349,6 +353,10 @@ class _SumOperator(LinearOperator):
         return {**_prefixed("0.", self.args[0].param_vjp(x, y_bar, part)),
                 **_prefixed("1.", self.args[1].param_vjp(x, y_bar, part))}
 
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return {**_prefixed("0.", self.args[0].param_vjp_batch(X, Y_bar, part)),
+                **_prefixed("1.", self.args[1].param_vjp_batch(X, Y_bar, part))}
+
 
 class _ScaledOperator(LinearOperator):
     """``alpha * A`` for a scalar ``alpha`` (a constant, not a parameter)."""
@@ -379,6 +387,9 @@ class _ScaledOperator(LinearOperator):
 
     def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
         return self.A.param_vjp(x, self.alpha * y_bar, part)
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return self.A.param_vjp_batch(X, self.alpha * Y_bar, part)
 
     def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
         return self.A.format_cotangent(params_bar)
@@ -419,6 +430,15 @@ class _ProductOperator(LinearOperator):
         at_ybar = A.T._matvec(y_bar)
         return {**_prefixed("0.", A.param_vjp(bx, y_bar)),
                 **_prefixed("1.", B.param_vjp(x, at_ybar))}
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # Rows are vectors: B x_k for every k is (B X^T)^T, one matmat per factor.
+        _require_full(self, part)
+        A, B = self.args
+        BX = B.matmat(X.T).T
+        AtY = A.T.matmat(Y_bar.T).T
+        return {**_prefixed("0.", A.param_vjp_batch(BX, Y_bar)),
+                **_prefixed("1.", B.param_vjp_batch(X, AtY))}
 
 
 class _TransposedOperator(LinearOperator):
@@ -465,6 +485,9 @@ class _TransposedOperator(LinearOperator):
         # lower triangle of A^T is the upper triangle of A.
         return self.A.param_vjp(y_bar, x, _TRANSPOSED_PART[part])
 
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return self.A.param_vjp_batch(Y_bar, X, _TRANSPOSED_PART[part])
+
     def format_cotangent(self, params_bar: dict[str, Any]) -> Any:
         return self.A.format_cotangent(params_bar)
 
@@ -503,7 +526,12 @@ class _AdjointOperator(LinearOperator):
 
     def param_vjp(self, x: Any, y_bar: Any, part: str = "full") -> dict[str, Any]:
         # A^H = conj(A)^T; the vjp of conj is conj, so conjugate the transposed-case result.
-        bar = self.A.param_vjp(y_bar, x, _TRANSPOSED_PART[part])
+        return self._conjugated(self.A.param_vjp(y_bar, x, _TRANSPOSED_PART[part]))
+
+    def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        return self._conjugated(self.A.param_vjp_batch(Y_bar, X, _TRANSPOSED_PART[part]))
+
+    def _conjugated(self, bar: dict[str, Any]) -> dict[str, Any]:
         if not np.issubdtype(self.dtype, np.complexfloating):
             return bar
         return {k: ops_for(v).xp.conj(v) for k, v in bar.items()}
