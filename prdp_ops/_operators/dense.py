@@ -158,7 +158,10 @@ class SparseOperator(LinearOperator):
             from prdp_ops.backends.jax import bcoo_diagonal
 
             return bcoo_diagonal(self.matrix)
-        return self.matrix.diagonal()
+        # Cached: Jacobi asks at every step, and extracting it costs more than a matvec.
+        if getattr(self, "_diagonal", None) is None:
+            self._diagonal = self.matrix.diagonal()
+        return self._diagonal
 
     def to_matrix(self) -> Any:
         return self.matrix
