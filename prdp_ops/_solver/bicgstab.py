@@ -90,9 +90,12 @@ class BiCGSTAB(IterativeSolver):
 
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The vectors the step made (p', v', t) and the new scalars are in ``after``; keeping
-        # t saves a matvec per reverse step. M p' and M s are recomputed in the reverse.
-        return (before, after)
+        # The reverse needs the state before the step except x, and what the step made except
+        # x' and r' (r' is the next step's "before"). Keeping t saves a matvec per reverse
+        # step; M p' and M s are recomputed in the reverse.
+        kept_before = {k: v for k, v in before.items() if k != "x"}
+        kept_after = {k: after[k] for k in ("p", "v", "t", "rho", "alpha", "omega")}
+        return (kept_before, kept_after)
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:

@@ -82,17 +82,17 @@ def _start_cycle(ops: ArrayOps, A: Any, b: Any, x: Any, m: int) -> State:
             "Q": xp.eye(m + 1, dtype=r.dtype), "beta": beta, "j": xp.asarray(0, dtype=xp.int32)}
 
 
-def _orthogonalise(ops: ArrayOps, V_active: Any, w: Any) -> tuple[Any, Any, Any, Any]:
-    """CGS2: project ``w`` off the rows of ``V_active`` twice.
+def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any]:
+    """CGS2: project ``w`` off the rows of ``V`` twice.
 
     Returns ``(h1, h2, w1, w2)``: the two coefficient vectors and the vector after each pass
     (``h1 + h2`` is the Hessenberg column, ``w2`` the unnormalised new basis vector).
     """
     xp = ops.xp
-    h1 = xp.conj(V_active) @ w
-    w1 = w - V_active.T @ h1
-    h2 = xp.conj(V_active) @ w1
-    w2 = w1 - V_active.T @ h2
+    h1 = xp.conj(V) @ w
+    w1 = w - V.T @ h1
+    h2 = xp.conj(V) @ w1
+    w2 = w1 - V.T @ h2
     return h1, h2, w1, w2
 
 
@@ -147,10 +147,11 @@ class GMRES(IterativeSolver):
         state = ops.cond(state["j"] == m, restart_cycle, lambda s: s, state)
         V, H, Q, beta, j = state["V"], state["H"], state["Q"], state["beta"], state["j"]
 
-        # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j (the rows in use).
+        # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j. The rows past j are still
+        # zero (a cycle starts from a zero basis and step j fills row j + 1), so projecting
+        # against all of V is projecting against the rows in use, at a fixed shape.
         w = A.matvec(_precondition(M, V[j]))
-        V_active = xp.where((xp.arange(m + 1) <= j)[:, None], V, 0)
-        h1, h2, _, w2 = _orthogonalise(ops, V_active, w)
+        h1, h2, _, w2 = _orthogonalise(ops, V, w)
         h_next = ops.norm(w2)
         column = ops.set_at(h1 + h2, j + 1, h_next)
         V = ops.set_at(V, j + 1, ops.safe_divide(w2, h_next))
