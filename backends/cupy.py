@@ -110,31 +110,23 @@ class CupyOps(ArrayOps):
         """Convert ``a`` to a CuPy array (a host-to-device copy for host data)."""
         return cupy.asarray(a, dtype=dtype)
 
-    def solve_triangular(self, T: Any, b: Any, *, lower: bool,
-                         unit_diagonal: bool = False) -> Any:
-        """Solve ``T x = b`` for a triangular ``T`` on the device.
+    def solve_triangular(self, T: Any, rhs: Any, lower: bool) -> Any:
+        """Return ``y`` with ``T y = rhs`` for a triangular ``T``, on the device.
 
-        Parameters
-        ----------
-        T
-            A dense CuPy matrix or a cupyx.scipy.sparse matrix (CSR is used as is; other
-            formats are converted), lower or upper triangular.
-        b
-            The right-hand side, a 1-D CuPy array.
-        lower
-            Whether ``T`` is lower (True) or upper (False) triangular.
-        unit_diagonal
-            Assume ones on the diagonal without reading it.
+        The signature of :meth:`ArrayOps.solve_triangular`: ``T`` a dense CuPy matrix
+        (``cupyx.scipy.linalg.solve_triangular``) or a cupyx.scipy.sparse matrix
+        (``cupyx.scipy.sparse.linalg.spsolve_triangular`` on CSR; other formats are
+        converted) holding the ``lower`` (or upper) triangle with a non-zero diagonal;
+        ``rhs`` a 1-D CuPy array. No finiteness check (the driver reports divergence).
         """
         if _is_cupy_sparse(T):
             import cupyx.scipy.sparse.linalg as cupy_sparse_linalg
 
             matrix = T if T.format == "csr" else T.tocsr()
-            return cupy_sparse_linalg.spsolve_triangular(matrix, b, lower=lower,
-                                                         unit_diagonal=unit_diagonal)
+            return cupy_sparse_linalg.spsolve_triangular(matrix, rhs, lower=lower)
         import cupyx.scipy.linalg as cupy_linalg
 
-        return cupy_linalg.solve_triangular(T, b, lower=lower, unit_diagonal=unit_diagonal)
+        return cupy_linalg.solve_triangular(T, rhs, lower=lower, check_finite=False)
 
 
 # den == 0 -> 0, else num / den, in the output's type (the result type of num and den).

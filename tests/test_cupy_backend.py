@@ -254,6 +254,49 @@ def test_fused_kernel_source_equals_array_stencil(compiled_kernels, grid, bounda
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
+_SAFE_DIVIDE_HARNESS = """
+#include <complex>
+typedef {T} N;
+typedef {T} D;
+typedef {T} O;
+extern "C" void run(const N* num, const D* den, O* result, long long size) {{
+  for (long long i = 0; i < size; ++i) {{
+    O out;
+    const N num_i = num[i];
+    const D den_i = den[i];
+    {body};  // CuPy appends the ';' to an ElementwiseKernel's operation
+    result[i] = out;
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.complex128])
+def test_safe_divide_kernel_source_equals_generic_safe_divide(tmp_path, dtype):
+    """CupyOps.safe_divide's one-kernel body, run on the CPU, equals ArrayOps.safe_divide."""
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler (g++) to compile the kernel source for the CPU")
+    body = _kernel_sources()._SAFE_DIVIDE.operation
+    body = body.replace("num", "num_i").replace("den", "den_i")
+    ctype = "std::complex<double>" if dtype == np.complex128 else "double"
+    source = tmp_path / "safe_divide.cpp"
+    source.write_text(_SAFE_DIVIDE_HARNESS.format(T=ctype, body=body))
+    subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "sd.so"),
+                    str(source)], check=True, capture_output=True)
+    fn = ctypes.CDLL(str(tmp_path / "sd.so")).run
+    num = np.array([1.0, -2.0, 0.0, 3.0, 5.0], dtype=dtype) * (1 + 1j if dtype == np.complex128
+                                                               else 1)
+    den = np.array([2.0, 0.0, 0.0, -4.0, 1e-300], dtype=dtype)
+    got = np.empty_like(num)
+    fn(num.ctypes.data_as(ctypes.c_void_p), den.ctypes.data_as(ctypes.c_void_p),
+       got.ctypes.data_as(ctypes.c_void_p), ctypes.c_longlong(num.size))
+    from prdp_ops._array_ops import NumpyOps
+
+    with np.errstate(over="ignore"):
+        expected = NumpyOps().safe_divide(num, den)
+    np.testing.assert_array_equal(got, expected)
+
+
 # == on a GPU ================================================================================
 @pytest.fixture
 def cp():
