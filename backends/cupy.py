@@ -180,8 +180,12 @@ def _one_line(text: str) -> str:
 _MAX_DIMS = 3
 
 
-def _axis_source(a: int, boundary: str, face_array: bool) -> str:
-    """CUDA source adding axis ``a``'s two face fluxes at thread ``i`` to ``acc``."""
+def _axis_source(a: int, boundary: str, face_array: bool, index: str) -> str:
+    """CUDA source adding axis ``a``'s two face fluxes at thread ``i`` to ``acc``.
+
+    ``index`` is the C integer type of the index arithmetic: ``int`` when every index fits
+    (64-bit division is several times slower on a GPU), else ``long long``.
+    """
     neighbours = (
         "const T ul = k > 0 ? u[i - s] : T(0);\n"
         "    const T ur = k < n - 1 ? u[i + s] : T(0);"
@@ -193,20 +197,21 @@ def _axis_source(a: int, boundary: str, face_array: bool) -> str:
         faces = f"const W fl = w{a};\n    const W fr = w{a};"
     elif boundary == "dirichlet":
         # The face array has n + 1 entries along this axis: outer blocks are (n + 1) s long.
-        faces = (f"const long long fb = outer * (n + 1) * s + inner;\n"
+        faces = (f"const {index} fb = outer * (n + 1) * s + inner;\n"
                  f"    const W fl = f{a}[fb + k * s];\n"
                  f"    const W fr = f{a}[fb + (k + 1) * s];")
     else:
-        faces = (f"const long long fb = outer * n * s + inner;\n"
+        faces = (f"const {index} fb = outer * n * s + inner;\n"
                  f"    const W fl = f{a}[fb + (k > 0 ? k - 1 : n - 1) * s];\n"
                  f"    const W fr = f{a}[fb + k * s];")
     return (
         "  {\n"
-        f"    const long long n = n{a};\n"
-        f"    const long long s = stride{a};\n"
-        "    const long long k = (g / s) % n;\n"
-        "    const long long outer = g / (s * n);\n"
-        "    const long long inner = g % s;\n"
+        f"    const {index} n = n{a};\n"
+        f"    const {index} s = stride{a};\n"
+        f"    const {index} q = g / s;\n"  # g = (outer * n + k) * s + inner
+        f"    const {index} inner = g - q * s;\n"
+        f"    const {index} outer = q / n;\n"
+        f"    const {index} k = q - outer * n;\n"
         f"    {neighbours}\n"
         f"    {faces}\n"
         "    acc += fl * (uc - ul) + fr * (uc - ur);\n"
@@ -215,27 +220,35 @@ def _axis_source(a: int, boundary: str, face_array: bool) -> str:
 
 
 @functools.cache
-def _stencil_kernel(ndim: int, boundary: str, face_array: bool) -> Any:
-    """The ElementwiseKernel of one (dimension, boundary, coefficient kind); built once.
+def _stencil_kernel(ndim: int, boundary: str, face_array: bool, wide_index: bool) -> Any:
+    """The ElementwiseKernel of one (dimension, boundary, coefficient kind, index width);
+    built once.
 
     Inputs: the grid values ``u`` (raw, with a leading batch axis allowed), the grid sizes
     and strides, and per axis either a scalar weight ``w_a`` (the Laplacian's ``1/h_a^2``)
     or a raw face array ``f_a`` (diffusion). Output: ``y = A u``, one entry per thread.
     """
+    index = "long long" if wide_index else "int"
     coefficient = "raw W f{a}" if face_array else "W w{a}"
     params = ["raw T u", "int64 grid_size"]
     for a in range(ndim):
         params += [f"int64 n{a}", f"int64 stride{a}", coefficient.format(a=a)]
     body = (
-        "const long long g = i % grid_size;\n"  # position in the grid (batch axis peeled off)
+        # position in the grid (a leading batch axis peeled off)
+        f"const {index} g = ({index})(i % grid_size);\n"
         "const T uc = u[i];\n"
         "T acc = T(0);\n"
-        + "".join(_axis_source(a, boundary, face_array) for a in range(ndim))
+        + "".join(_axis_source(a, boundary, face_array, index) for a in range(ndim))
         + "y = acc;\n"
     )
     kind = "diffusion" if face_array else "laplacian"
+    width = "i64" if wide_index else "i32"
     return cupy.ElementwiseKernel(", ".join(params), "T y", body,
-                                  name=f"prdp_{kind}_{ndim}d_{boundary}")
+                                  name=f"prdp_{kind}_{ndim}d_{boundary}_{width}")
+
+
+#: Grids with at least this many nodes (or face entries) index with 64-bit integers.
+_WIDE_INDEX = 2**31 - 2**20
 
 
 def apply_stencil_fused(faces: tuple[Any, ...], u: Any, boundary: str) -> Any:
@@ -273,7 +286,9 @@ def apply_stencil_fused(faces: tuple[Any, ...], u: Any, boundary: str) -> Any:
             n_faces = grid[a] + (1 if boundary == "dirichlet" else 0)
             coefficient = cupy.full((*grid[:a], n_faces, *grid[a + 1:]), face, dtype=real)
         args += [grid[a], stride, coefficient]
-    return _stencil_kernel(ndim, boundary, face_array)(*args, cupy.empty_like(u))
+    # The largest index formed is a face index, below prod(grid) (n + 1) / n <= 2 prod(grid).
+    wide_index = 2 * math.prod(grid) >= _WIDE_INDEX
+    return _stencil_kernel(ndim, boundary, face_array, wide_index)(*args, cupy.empty_like(u))
 
 
 # -- the DLPack bridge to JAX ---------------------------------------------------------------

@@ -189,16 +189,17 @@ def compiled_kernels(tmp_path_factory):
     build = tmp_path_factory.mktemp("kernels")
     cache: dict[tuple, Any] = {}
 
-    def get(ndim: int, boundary: str, face_array: bool, complex_values: bool) -> Any:
-        key = (ndim, boundary, face_array, complex_values)
+    def get(ndim: int, boundary: str, face_array: bool, complex_values: bool,
+            wide_index: bool) -> Any:
+        key = (ndim, boundary, face_array, complex_values, wide_index)
         if key not in cache:
-            kernel = module._stencil_kernel(ndim, boundary, face_array)
+            kernel = module._stencil_kernel(ndim, boundary, face_array, wide_index)
             source = _HARNESS.format(
                 T="std::complex<double>" if complex_values else "double", W="double",
                 params=", ".join(_c_params(kernel.in_params)), body=kernel.operation)
             stem = build / f"{kernel.name}_{int(complex_values)}"
             stem.with_suffix(".cpp").write_text(source)
-            subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", str(stem) + ".so",
+            subprocess.run(["g++", "-O0", "-shared", "-fPIC", "-o", str(stem) + ".so",
                             str(stem) + ".cpp"], check=True, capture_output=True)
             cache[key] = ctypes.CDLL(str(stem) + ".so").run
         return cache[key]
@@ -206,13 +207,13 @@ def compiled_kernels(tmp_path_factory):
     return get
 
 
-def _run_compiled(compiled, faces, u, boundary):
+def _run_compiled(compiled, faces, u, boundary, wide_index):
     """Call a CPU-compiled kernel the way apply_stencil_fused calls the CUDA one."""
     ndim = len(faces)
     grid = u.shape[-ndim:]
     face_array = isinstance(faces[0], np.ndarray)
     complex_values = np.iscomplexobj(u)
-    fn = compiled(ndim, boundary, face_array, complex_values)
+    fn = compiled(ndim, boundary, face_array, complex_values, wide_index)
     keep = [np.ascontiguousarray(u)]
     args: list[Any] = [keep[0].ctypes.data_as(ctypes.c_void_p),
                        ctypes.c_longlong(int(np.prod(grid)))]
@@ -231,7 +232,7 @@ def _run_compiled(compiled, faces, u, boundary):
 @pytest.mark.parametrize("grid", [(9,), (5, 7), (4, 3, 5)], ids=lambda g: f"{len(g)}d")
 @pytest.mark.parametrize("boundary", ["dirichlet", "periodic"])
 @pytest.mark.parametrize("kind", ["laplacian", "diffusion"])
-@pytest.mark.parametrize("values", ["real", "complex", "batched"])
+@pytest.mark.parametrize("values", ["real", "complex", "batched", "real, 64-bit index"])
 def test_fused_kernel_source_equals_array_stencil(compiled_kernels, grid, boundary, kind,
                                                   values):
     """The generated CUDA body, run on the CPU, equals ``apply_stencil`` (which the stencil
@@ -246,11 +247,12 @@ def test_fused_kernel_source_equals_array_stencil(compiled_kernels, grid, bounda
         faces = tuple(_node_means(np, c, a - len(grid), boundary) / h**2
                       for a, h in enumerate(spacing))
     shape = (3, *grid) if values == "batched" else grid
+    wide_index = values.endswith("64-bit index")
     u = rng.standard_normal(shape)
     if values == "complex":
         u = u + 1j * rng.standard_normal(shape)
     expected = apply_stencil(np, faces, u, boundary)
-    got = _run_compiled(compiled_kernels, faces, u, boundary)
+    got = _run_compiled(compiled_kernels, faces, u, boundary, wide_index)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -281,7 +283,7 @@ def test_safe_divide_kernel_source_equals_generic_safe_divide(tmp_path, dtype):
     ctype = "std::complex<double>" if dtype == np.complex128 else "double"
     source = tmp_path / "safe_divide.cpp"
     source.write_text(_SAFE_DIVIDE_HARNESS.format(T=ctype, body=body))
-    subprocess.run(["g++", "-O1", "-shared", "-fPIC", "-o", str(tmp_path / "sd.so"),
+    subprocess.run(["g++", "-O0", "-shared", "-fPIC", "-o", str(tmp_path / "sd.so"),
                     str(source)], check=True, capture_output=True)
     fn = ctypes.CDLL(str(tmp_path / "sd.so")).run
     num = np.array([1.0, -2.0, 0.0, 3.0, 5.0], dtype=dtype) * (1 + 1j if dtype == np.complex128
