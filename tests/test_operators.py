@@ -418,6 +418,8 @@ SPARSE_FORMATS = [sp.csr_matrix, sp.csc_matrix, sp.coo_matrix, sp.bsr_matrix, sp
                   sp.dia_matrix, sp.dok_matrix, sp.csr_array, sp.csc_array, sp.coo_array]
 
 
+# np.matrix is deprecated by NumPy but still a documented input kind.
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 @pytest.mark.parametrize("kind", [
     "ndarray", "np.matrix", *[f.__name__ for f in SPARSE_FORMATS], "scipy-aslinearoperator",
     "callable",
@@ -764,6 +766,8 @@ def test_traced_jax_scalar_scales_an_operator_under_jit_and_grad():
     np.testing.assert_allclose(float(grad), np.sum(D @ v), rtol=1e-13)
 
 
+# np.matrix is deprecated by NumPy but still a documented input kind.
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 def test_np_matrix_vectors_are_accepted_like_scipy():
     D = nonsymmetric(4, seed=15)
     A = po.aslinearoperator(D)

@@ -63,35 +63,33 @@ MAX_DENSE_JAX = 4096
 
 # -- stencil arithmetic over the last ``len(faces)`` axes of an array ---------------------------
 # Axes are negative so a leading batch axis (matmat, batched cotangents) broadcasts for free.
-def _axis_pad(ndim: int, axis: int, before: int, after: int) -> list[tuple[int, int]]:
-    widths = [(0, 0)] * ndim
-    widths[axis] = (before, after)
-    return widths
+def _along(axis: int, start: int | None, stop: int | None) -> tuple[Any, ...]:
+    """The index ``[start:stop]`` along a negative ``axis``, everything along the others."""
+    return (Ellipsis, slice(start, stop), *([slice(None)] * (-axis - 1)))
 
 
 def _face_difference(xp: Any, u: Any, axis: int, boundary: str) -> Any:
     """``G_a u``: ``u_right - u_left`` on every face along ``axis``."""
     if boundary == "dirichlet":
-        # The zero boundary values are the padding; n unknowns give n + 1 faces.
-        return xp.diff(xp.pad(u, _axis_pad(u.ndim, axis, 1, 1)), axis=axis)
+        # n unknowns, n + 1 faces; the outer faces see a zero boundary value.
+        inner = u[_along(axis, 1, None)] - u[_along(axis, None, -1)]
+        return xp.concatenate([u[_along(axis, None, 1)], inner, -u[_along(axis, -1, None)]],
+                              axis=axis)
     return xp.roll(u, -1, axis=axis) - u
 
 
 def _face_divergence_T(xp: Any, flux: Any, axis: int, boundary: str) -> Any:
     """``G_a^T flux``: the transpose of :func:`_face_difference` (minus a divergence)."""
     if boundary == "dirichlet":
-        return -xp.diff(flux, axis=axis)
+        return flux[_along(axis, None, -1)] - flux[_along(axis, 1, None)]
     return xp.roll(flux, 1, axis=axis) - flux
 
 
 def _face_left_right(xp: Any, v: Any, axis: int, boundary: str) -> tuple[Any, Any]:
     """The values of ``v`` at the left and right node of every face (0 beyond a boundary)."""
     if boundary == "dirichlet":
-        padded = xp.pad(v, _axis_pad(v.ndim, axis, 1, 1))
-        n = padded.shape[axis]
-        left = xp.take(padded, xp.arange(0, n - 1), axis=axis)
-        right = xp.take(padded, xp.arange(1, n), axis=axis)
-        return left, right
+        zero = xp.zeros_like(v[_along(axis, None, 1)])
+        return xp.concatenate([zero, v], axis=axis), xp.concatenate([v, zero], axis=axis)
     return v, xp.roll(v, -1, axis=axis)
 
 
@@ -126,32 +124,26 @@ def apply_stencil(xp: Any, faces: tuple[Any, ...], u: Any, boundary: str) -> Any
 def _node_means(xp: Any, c: Any, axis: int, boundary: str) -> Any:
     """Face coefficients from node values: means of neighbours (edge value at a boundary)."""
     if boundary == "dirichlet":
-        # Replicating the edge value makes the boundary face's "mean" the interior value.
-        padded = xp.pad(c, _axis_pad(c.ndim, axis, 1, 1), mode="edge")
-        left, right = _take_pairs(xp, padded, axis)
-        return 0.5 * (left + right)
+        # A boundary face takes its interior node's value (the boundary has no unknown c).
+        inner = 0.5 * (c[_along(axis, None, -1)] + c[_along(axis, 1, None)])
+        return xp.concatenate([c[_along(axis, None, 1)], inner, c[_along(axis, -1, None)]],
+                              axis=axis)
     return 0.5 * (c + xp.roll(c, -1, axis=axis))
-
-
-def _take_pairs(xp: Any, v: Any, axis: int) -> tuple[Any, Any]:
-    n = v.shape[axis]
-    return xp.take(v, xp.arange(0, n - 1), axis=axis), xp.take(v, xp.arange(1, n), axis=axis)
 
 
 def _node_means_T(xp: Any, face_bar: Any, axis: int, boundary: str) -> Any:
     """Transpose of :func:`_node_means`: face cotangents back to the nodes."""
     if boundary == "periodic":
         return 0.5 * (face_bar + xp.roll(face_bar, 1, axis=axis))
-    left, right = _take_pairs(xp, face_bar, axis)  # faces left and right of each node
-    n = left.shape[axis]
+    # Node i sits between faces i and i + 1; the two boundary faces depend on their interior
+    # node alone (weight 1, not 1/2), so they come back once more, in full.
+    halves = 0.5 * (face_bar[_along(axis, None, -1)] + face_bar[_along(axis, 1, None)])
+    n = halves.shape[axis]
     shape = [1] * face_bar.ndim
     shape[axis] = n
     index = xp.reshape(xp.arange(n), shape)
-    # The boundary faces depend on their interior node alone (weight 1, not 1/2).
-    first = xp.take(face_bar, xp.arange(0, 1), axis=axis)
-    last = xp.take(face_bar, xp.arange(n, n + 1), axis=axis)
-    edges = xp.where(index == 0, first, 0) + xp.where(index == n - 1, last, 0)
-    return 0.5 * (left + right + edges)
+    first, last = face_bar[_along(axis, None, 1)], face_bar[_along(axis, -1, None)]
+    return halves + 0.5 * (xp.where(index == 0, first, 0) + xp.where(index == n - 1, last, 0))
 
 
 def _face_cotangents(xp: Any, x: Any, y_bar: Any, axis: int, boundary: str, part: str) -> Any:
@@ -299,8 +291,10 @@ class _StencilOperator(LinearOperator):
         for a, face in enumerate(faces):
             axis = a - len(faces)
             face = face if hasattr(face, "shape") else xp.full(self._face_shape(a), face)
-            left_faces, right_faces = (_take_pairs(xp, face, axis) if self.boundary == "dirichlet"
-                                       else (xp.roll(face, 1, axis=axis), face))
+            if self.boundary == "dirichlet":
+                left_faces, right_faces = face[_along(axis, None, -1)], face[_along(axis, 1, None)]
+            else:
+                left_faces, right_faces = xp.roll(face, 1, axis=axis), face
             total = total + left_faces + right_faces
         return xp.asarray(total, dtype=self.dtype).reshape(-1)
 
