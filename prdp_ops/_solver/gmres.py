@@ -82,6 +82,20 @@ def _start_cycle(ops: ArrayOps, A: Any, b: Any, x: Any, m: int) -> State:
             "Q": xp.eye(m + 1, dtype=r.dtype), "beta": beta, "j": xp.asarray(0, dtype=xp.int32)}
 
 
+def _rows_in_use(ops: ArrayOps, V: Any, j: Any) -> Any:
+    """The basis rows ``v_0 .. v_j`` to orthogonalise against, or all of ``V``.
+
+    The rows past ``j`` are still zero (a cycle starts from a zero basis and step ``j`` fills
+    row ``j + 1``), so projecting against all of ``V`` is the same projection at a fixed
+    shape, which traced code (JAX) needs. On NumPy, where reading ``j`` is free, only the rows
+    in use are touched: about half the work at the default restart. (CuPy keeps the fixed
+    shape: reading ``j`` there would be a device-to-host sync per step.)
+    """
+    if ops.name == "numpy":
+        return V[: int(j) + 1]
+    return V
+
+
 def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any]:
     """CGS2: project ``w`` off the rows of ``V`` twice.
 
@@ -147,13 +161,13 @@ class GMRES(IterativeSolver):
         state = ops.cond(state["j"] == m, restart_cycle, lambda s: s, state)
         V, H, Q, beta, j = state["V"], state["H"], state["Q"], state["beta"], state["j"]
 
-        # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j. The rows past j are still
-        # zero (a cycle starts from a zero basis and step j fills row j + 1), so projecting
-        # against all of V is projecting against the rows in use, at a fixed shape.
+        # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j.
         w = A.matvec(_precondition(M, V[j]))
-        h1, h2, _, w2 = _orthogonalise(ops, V, w)
+        rows = _rows_in_use(ops, V, j)
+        h1, h2, _, w2 = _orthogonalise(ops, rows, w)
         h_next = ops.norm(w2)
-        column = ops.set_at(h1 + h2, j + 1, h_next)
+        column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]), h1 + h2)
+        column = ops.set_at(column, j + 1, h_next)
         V = ops.set_at(V, j + 1, ops.safe_divide(w2, h_next))
         H = ops.set_at(H, (slice(None), j), column)
 
