@@ -330,9 +330,25 @@ def xla_stream(ctx: Any) -> Iterator[None]:
     kernels there keeps the callback's reads after JAX's writes of the inputs, and JAX's
     reads after the callback's writes of the outputs, with no extra synchronisation.
     """
-    stream = cupy.cuda.ExternalStream(int(ctx.stream))
-    with stream:
+    with _external_stream(int(ctx.stream)):
         yield
+
+
+class _StreamHandle:
+    """A raw ``cudaStream_t`` address behind the CUDA stream protocol."""
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.address)
+
+
+def _external_stream(address: int) -> Any:
+    """A CuPy stream object for a stream CuPy does not own (CuPy 14's API, or 13's)."""
+    if hasattr(cupy.cuda.Stream, "from_external"):
+        return cupy.cuda.Stream.from_external(_StreamHandle(address))
+    return cupy.cuda.ExternalStream(address)
 
 
 def write_buffer(out: Any, value: Any) -> None:

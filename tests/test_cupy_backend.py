@@ -299,6 +299,47 @@ def test_safe_divide_kernel_source_equals_generic_safe_divide(tmp_path, dtype):
     np.testing.assert_array_equal(got, expected)
 
 
+# -- the bridge's solve/adjoint logic, on NumPy arrays -----------------------------------------
+@pytest.fixture
+def bridge_on_host():
+    """backends/cupy.py with the device hand-off made the identity, so its bridge functions
+    run on NumPy arrays here (the zero-copy hand-off itself is tested on a GPU)."""
+    module = _kernel_sources()
+    module.jax_to_cupy = lambda x: x
+    return module
+
+
+@pytest.mark.parametrize("adjoint", ["implicit", "unrolled", "none"])
+@pytest.mark.parametrize("solver", ["cg", "bicgstab"])
+def test_device_vjp_without_the_forward_state_equals_solve_vjp(bridge_on_host, adjoint,
+                                                                solver):
+    """The backward callback (given only x and x_bar) returns exactly what po.solve_vjp's
+    vjp returns: implicit mode starts at x and runs no forward iteration; unrolled mode
+    re-runs the same forward."""
+    A = poisson_2d(6).toarray()
+    b, x_bar = random_vector(36), random_vector(36, seed=4)
+    opts = {"rtol": 1e-6, "maxiter": 30}
+    result, vjp = po.solve_vjp(A, b, solver, adjoint=adjoint, adjoint_maxiter=25, **opts)
+    expected = vjp(x_bar)
+    b_bar, A_bar = bridge_on_host.device_vjp(A, b, result.x, x_bar, solver, adjoint=adjoint,
+                                             adjoint_maxiter=25, to_jax=False, **opts)
+    np.testing.assert_array_equal(b_bar, expected.b)
+    np.testing.assert_array_equal(A_bar, expected.A)
+
+
+def test_device_solve_vjp_on_host_arrays_equals_solve_vjp(bridge_on_host):
+    A = poisson_2d(6)
+    b, x_bar = random_vector(36), random_vector(36, seed=4)
+    x, result, vjp = bridge_on_host.device_solve_vjp(A, b, rtol=1e-8, to_jax=False)
+    expected_result, expected_vjp = po.solve_vjp(A, b, rtol=1e-8)
+    np.testing.assert_array_equal(x, expected_result.x)
+    assert result.iterations == expected_result.iterations
+    b_bar, A_bar = vjp(x_bar)
+    expected = expected_vjp(x_bar)
+    np.testing.assert_array_equal(b_bar, expected.b)
+    np.testing.assert_array_equal(A_bar.toarray(), expected.A.toarray())
+
+
 # == on a GPU ================================================================================
 @pytest.fixture
 def cp():
