@@ -9,6 +9,7 @@ unrolled adjoint. The Laplacian stencil is checked against the shared Poisson ma
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import numpy as np
@@ -185,3 +186,28 @@ def test_diffusion_with_unit_coefficient_is_the_laplacian():
             L = po.LaplacianStencil(grid, boundary=boundary, spacing=0.3)
             np.testing.assert_allclose(D.to_matrix().toarray(), L.to_matrix().toarray(),
                                        rtol=1e-13)
+
+
+# -- the same gradients through the JAX backend -------------------------------------------------
+@pytest.mark.parametrize("solver, options", [
+    ("cg", {"adjoint": "implicit", "rtol": 1e-12, "maxiter": 500}),
+    ("jacobi", {"adjoint": "unrolled", "rtol": 0.0, "atol": 0.0, "maxiter": 20, "omega": 0.8}),
+], ids=["cg-implicit", "jacobi-unrolled"])
+def test_jax_gradient_through_the_stencil_equals_the_numpy_one(solver, options):
+    jax = pytest.importorskip("jax", reason="jax is not installed")
+    if importlib.util.find_spec("prdp_ops.backends.jax") is None:
+        pytest.skip("prdp_ops.backends.jax (the JAX array backend) is not available yet")
+    jax.config.update("jax_enable_x64", True)
+    from prdp_ops.backends import jax as pj
+
+    jnp = jax.numpy
+    c, f, u_obs = problem((6, 5))
+
+    def jax_loss(cc):
+        x = pj.solve(po.DiffusionStencil(cc, spacing=SPACING), jnp.asarray(f), solver=solver,
+                     **options)
+        return 0.5 * jnp.sum((x - jnp.asarray(u_obs)) ** 2)
+
+    got = np.asarray(jax.grad(jax_loss)(jnp.asarray(c)))
+    expected = gradient_by_solve_vjp(c, f, u_obs, solver, **options)
+    np.testing.assert_allclose(got, expected, rtol=1e-8, atol=1e-10 * np.abs(expected).max())
