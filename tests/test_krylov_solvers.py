@@ -245,6 +245,21 @@ def test_bicgstab_takes_two_matvecs_per_iteration():
     assert len(calls) == 1 + 2 * 6
 
 
+def test_gmres_cycle_is_capped_at_n_and_exact_after_n_steps():
+    A = _nonsymmetric(4, np.float64)
+    n = A.shape[0]
+    b = random_vector(n)
+    solver = po.GMRES(restart=50)
+    op = po.aslinearoperator(A)
+    state = solver.init(op.ops, op, b, np.zeros(n), None)
+    assert state["V"].shape == (n + 1, n)  # min(restart, n) + 1 basis vectors
+    exact = spla.spsolve(A.tocsc(), b)
+    for K in (n, 3 * n + 2):  # a full Krylov space, then past two restarts
+        result = po.solve(A, b, solver, rtol=0, atol=0, maxiter=K)
+        assert result.iterations == K
+        np.testing.assert_allclose(result.x, exact, rtol=1e-9, atol=1e-12)
+
+
 # -- breakdown and degenerate cases -----------------------------------------------------------
 def test_bicgstab_breakdown_is_reported_without_nan():
     # A swaps the two components: v = A r0 is orthogonal to r_hat = r0, so <r_hat, v> = 0.

@@ -46,6 +46,11 @@ def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
     return z_bar if M is None else ctx.precond_T(z_bar)
 
 
+def _cycle_length(state: State) -> int:
+    """Arnoldi steps per cycle, ``min(restart, n)`` (a static shape of the state)."""
+    return state["H"].shape[1]
+
+
 def _masked_triangle(ops: ArrayOps, R: Any, j: Any) -> Any:
     """``R`` (``m x m``, upper triangular) with its trailing block past ``j`` replaced by ``I``.
 
@@ -117,7 +122,7 @@ class GMRES(IterativeSolver):
     ----------
     restart
         Arnoldi steps per cycle (the Krylov basis holds ``restart + 1`` vectors of length
-        ``n``). Default 20, as in SciPy.
+        ``n``). Default 20, as in SciPy; like SciPy, a cycle never exceeds ``n`` steps.
 
     Notes
     -----
@@ -148,12 +153,14 @@ class GMRES(IterativeSolver):
         return self.options["restart"]
 
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
-        state = _start_cycle(ops, A, b, x0, self.restart)
+        # A cycle longer than n cannot help (the Krylov space is at most n-dimensional), so,
+        # as in SciPy, a cycle has min(restart, n) steps.
+        state = _start_cycle(ops, A, b, x0, min(self.restart, b.shape[0]))
         return {**state, "rnorm": state["beta"], "breakdown": ops.xp.asarray(False)}
 
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
-        m = self.restart
+        m = _cycle_length(state)
 
         def restart_cycle(s: State) -> State:
             return {**s, **_start_cycle(ops, A, b, self.iterate(ops, A, b, s, M), m)}
@@ -202,7 +209,7 @@ class GMRES(IterativeSolver):
                after: State) -> Any:
         # Only a step that began with a restart keeps something: the finished cycle's state
         # (references, not copies), one basis per cycle.
-        if int(ops.to_float(before["j"])) == self.restart:
+        if int(ops.to_float(before["j"])) == _cycle_length(before):
             return before
         return None
 
