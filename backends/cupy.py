@@ -484,18 +484,20 @@ def device_solve_vjp(A: Any, b: Any, solver: Any = "cg", *, to_jax: bool = True,
                      **solve_vjp_options: Any) -> tuple[Any, po.SolveResult, Callable]:
     """``po.solve_vjp`` on the GPU for JAX (or CuPy) arrays, all on the device.
 
-    Returns ``(x, result, vjp)`` with ``vjp(x_bar) -> (b_bar, A_bar)``: ``x_bar`` a JAX or
-    CuPy array; ``b_bar`` a JAX array (CuPy with ``to_jax=False``); ``A_bar`` in the form
-    :meth:`_DeviceOperator.cotangent` describes. Options are those of
+    Returns ``(x, result, vjp)`` with ``vjp(x_bar, *, need_A=True) -> (b_bar, A_bar)``:
+    ``x_bar`` a JAX or CuPy array; ``b_bar`` a JAX array (CuPy with ``to_jax=False``);
+    ``A_bar`` in the form :meth:`_DeviceOperator.cotangent` describes, or ``None`` with
+    ``need_A=False`` (then it is not computed: for an unrolled solve that saves about one
+    matvec per iteration). Options are those of
     :func:`prdp_ops.solve_vjp` (``adjoint``, ``adjoint_maxiter``, ...).
     """
     moved = _DeviceOperator(A)
     options = _moved_options(solve_vjp_options)
     result, vjp = po.solve_vjp(moved.operator, jax_to_cupy(b), solver, **options)
 
-    def device_vjp_fn(x_bar: Any) -> tuple[Any, Any]:
+    def device_vjp_fn(x_bar: Any, *, need_A: bool = True) -> tuple[Any, Any]:
         cotangents = vjp(jax_to_cupy(x_bar))
-        return _returned(cotangents, moved, to_jax)
+        return _returned(cotangents, moved, to_jax, need_A)
 
     return (cupy_to_jax(result.x) if to_jax else result.x), result, device_vjp_fn
 
@@ -504,7 +506,7 @@ def device_vjp(A: Any, b: Any, x: Any, x_bar: Any, solver: Any = "cg", *,
                adjoint: str = "implicit", maxiter: int | None = None, rtol: float = 1e-5,
                atol: float = 0.0, adjoint_maxiter: int | None = None,
                adjoint_rtol: float | None = None, adjoint_atol: float | None = None,
-               adjoint_solver: Any = None, to_jax: bool = True,
+               adjoint_solver: Any = None, to_jax: bool = True, need_A: bool = True,
                **solve_options: Any) -> tuple[Any, Any]:
     """The backward pass alone, for a bridge whose forward ran in an earlier callback.
 
@@ -527,6 +529,8 @@ def device_vjp(A: Any, b: Any, x: Any, x_bar: Any, solver: Any = "cg", *,
         The forward's solution and its cotangent (JAX, buffer or CuPy arrays).
     adjoint, adjoint_maxiter, adjoint_rtol, adjoint_atol, adjoint_solver
         As :func:`prdp_ops.solve_vjp`.
+    to_jax, need_A
+        As for the ``vjp`` of :func:`device_solve_vjp`.
     """
     forward = {"maxiter": maxiter, "rtol": rtol, "atol": atol}
     adjoint_settings = {"adjoint_solver": adjoint_solver,
@@ -544,7 +548,7 @@ def device_vjp(A: Any, b: Any, x: Any, x_bar: Any, solver: Any = "cg", *,
             adjoint_settings["adjoint_maxiter"] = 10 * _size(b)
     _, _, vjp = device_solve_vjp(A, b, solver, adjoint=adjoint, to_jax=to_jax,
                                  **forward, **adjoint_settings, **solve_options)
-    return vjp(x_bar)
+    return vjp(x_bar, need_A=need_A)
 
 
 def _size(b: Any) -> int:
@@ -561,7 +565,9 @@ def _moved_options(options: dict[str, Any]) -> dict[str, Any]:
     return moved
 
 
-def _returned(cotangents: po.Cotangents, moved: _DeviceOperator, to_jax: bool) -> tuple:
+def _returned(cotangents: po.Cotangents, moved: _DeviceOperator, to_jax: bool,
+              need_A: bool) -> tuple:
+    # Cotangents.A is computed on first access: touch it only when it is wanted.
     if not to_jax:
-        return cotangents.b, cotangents.A
-    return cupy_to_jax(cotangents.b), moved.cotangent(cotangents.A)
+        return cotangents.b, (cotangents.A if need_A else None)
+    return cupy_to_jax(cotangents.b), (moved.cotangent(cotangents.A) if need_A else None)
