@@ -252,6 +252,7 @@ class _StencilOperator(LinearOperator):
         self.grid_shape = grid
         self.boundary = boundary
         self.spacing = spacing
+        self._matrix: Any = None  # the assembled sparse matrix, built on demand
 
     # The face coefficients divided by h^2, per axis (see ``apply_stencil``).
     def _scaled_faces(self) -> tuple[Any, ...]:
@@ -323,6 +324,9 @@ class _StencilOperator(LinearOperator):
     def to_matrix(self) -> Any:
         """The matrix: scipy.sparse CSR for NumPy data, cupyx CSR for CuPy, dense for JAX.
 
+        The sparse matrix is assembled on the first call and reused (SOR asks for it at
+        every iteration); treat it as read-only.
+
         Raises
         ------
         MatrixFreeError
@@ -330,6 +334,7 @@ class _StencilOperator(LinearOperator):
         """
         ops = self.ops
         if ops.name == "jax":
+            # Not cached: under tracing the result is a tracer that must not outlive it.
             n = self.shape[0]
             if n > MAX_DENSE_JAX:
                 raise MatrixFreeError(
@@ -338,12 +343,17 @@ class _StencilOperator(LinearOperator):
                     "matrix-free solver (cg, jacobi, richardson) instead of sor"
                 )
             return self._matmat(ops.xp.eye(n, dtype=self.dtype))
-        matrix = self._scipy_matrix()
-        if ops.name == "cupy":
-            import cupyx.scipy.sparse  # lazily: only when CuPy data is in use
+        if self._matrix is None:
+            self._matrix = self._scipy_matrix()
+            if ops.name == "cupy":
+                import cupyx.scipy.sparse  # lazily: only when CuPy data is in use
 
-            return cupyx.scipy.sparse.csr_matrix(matrix)
-        return matrix
+                self._matrix = cupyx.scipy.sparse.csr_matrix(self._matrix)
+        return self._matrix
+
+    def __repr__(self) -> str:
+        return (f"<{self.shape[0]}x{self.shape[1]} {type(self).__name__} on a {self.boundary} "
+                f"grid {self.grid_shape} with dtype={self.dtype}>")
 
 
 def _difference_matrix(grid: tuple[int, ...], a: int, boundary: str) -> scipy.sparse.csr_matrix:
