@@ -371,7 +371,11 @@ class _ScaledOperator(LinearOperator):
         return self.alpha * self.A._matvec(x)
 
     def _rmatvec(self, y: Any) -> Any:
-        return ops_for(y).xp.conj(self.alpha) * self.A._rmatvec(y)
+        # A Python/NumPy number is conjugated by NumPy (cupy ufuncs refuse Python scalars);
+        # a 0-d array by its own backend, which keeps a traced JAX scalar traced.
+        alpha = self.alpha
+        conj = np.conj if isinstance(alpha, numbers.Number) else ops_for(alpha).xp.conj
+        return conj(alpha) * self.A._rmatvec(y)
 
     def diagonal(self) -> Any:
         return self.alpha * self.A.diagonal()
