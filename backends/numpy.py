@@ -85,7 +85,9 @@ def run_solver(
         norms.append(rnorm)
         checking = iterations % check_every == 0 or iterations == maxiter
         if checking:
-            failure = _failure(solver, ops, new_state, rnorm)
+            rnorm_value, broke = _read_back(solver, ops, new_state, rnorm)
+            failure = (Status.NONFINITE if not np.isfinite(rnorm_value)
+                       else Status.BREAKDOWN if broke else None)
             if failure is not None:
                 # Keep the last good state: a NaN iterate would poison a training loop.
                 status = failure
@@ -95,7 +97,7 @@ def run_solver(
         state = new_state
         if callback is not None:
             callback(solver.iterate(ops, A, b, state, M))
-        if checking and stop_on_convergence and ops.to_float(rnorm) <= tol:
+        if checking and stop_on_convergence and rnorm_value <= tol:
             status = Status.CONVERGED
     if status is Status.MAX_ITERATIONS and not stop_on_convergence:
         # A fixed iteration count was asked for; say "converged" only if the residual is 0.
@@ -120,12 +122,17 @@ def zero_solution(solver: IterativeSolver, ops: ArrayOps, b: Any) -> Run:
     return Run(result, {"x": result.x}, [])
 
 
-def _failure(solver: IterativeSolver, ops: ArrayOps, state: State, rnorm: Any) -> Status | None:
-    if not np.isfinite(ops.to_float(rnorm)):
-        return Status.NONFINITE
-    if bool(solver.breakdown(ops, state)):
-        return Status.BREAKDOWN
-    return None
+def _read_back(solver: IterativeSolver, ops: ArrayOps, state: State,
+               rnorm: Any) -> tuple[float, bool]:
+    """The residual norm and the breakdown flag as Python values: one device-to-host
+    transfer on GPUs (both are read together), plain conversions on NumPy."""
+    breakdown = solver.breakdown(ops, state)
+    if ops.name == "numpy":
+        return float(rnorm), bool(breakdown)
+    xp = ops.xp
+    both = ops.to_host(xp.stack([xp.asarray(rnorm, dtype=xp.float64),
+                                 xp.asarray(breakdown, dtype=xp.float64)]))
+    return float(both[0]), bool(both[1])
 
 
 def report_failure(result: SolveResult, on_failure: str) -> None:

@@ -171,9 +171,9 @@ class SparseOperator(LinearOperator):
         if self.backend == "jax":
             return self.matrix.indices[:, 0], self.matrix.indices[:, 1]
         xp = ops_for(self.matrix.data).xp
-        counts = xp.diff(self.matrix.indptr)
-        # cupy.repeat takes its repeats as a list only (a one-off device-to-host copy).
-        rows = xp.repeat(xp.arange(self.shape[0]), counts if xp is np else counts.tolist())
+        # Entry k lies in the row whose indptr range holds k (stays on the device on GPUs).
+        positions = xp.arange(self.matrix.indices.shape[0])
+        rows = xp.searchsorted(self.matrix.indptr, positions, side="right") - 1
         return rows, self.matrix.indices
 
     def parameters(self) -> dict[str, Any]:
