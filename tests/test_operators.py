@@ -20,6 +20,8 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 from helpers import HAS_CUPY, random_vector, spd
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import prdp_ops as po
 
@@ -776,3 +778,40 @@ def test_np_matrix_vectors_are_accepted_like_scipy():
     np.testing.assert_allclose(np.asarray(A.rmatvec(column)), D.T @ np.arange(4.0).reshape(-1, 1))
     block = np.asmatrix(np.ones((4, 2)))
     np.testing.assert_allclose(np.asarray(A @ block), D @ np.ones((4, 2)))
+
+
+# -- stencils on random grids ----------------------------------------------------------------------
+@st.composite
+def stencil_problems(draw):
+    boundary = draw(st.sampled_from(BOUNDARIES))
+    smallest = 3 if boundary == "periodic" else 1
+    grid = tuple(draw(st.lists(st.integers(smallest, 5), min_size=1, max_size=3)
+                      .filter(lambda g: math.prod(g) <= 60)))
+    spacing = tuple(draw(st.lists(st.floats(0.1, 3.0), min_size=len(grid),
+                                  max_size=len(grid))))
+    seed = draw(st.integers(0, 2**16))
+    return grid, boundary, spacing, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(stencil_problems())
+def test_diffusion_stencil_matches_the_node_by_node_matrix_on_random_grids(problem):
+    grid, boundary, spacing, seed = problem
+    c = np.random.default_rng(seed).uniform(0.1, 10.0, grid)
+    A = po.DiffusionStencil(c, boundary=boundary, spacing=spacing)
+    reference = stencil_reference(c, boundary, spacing)
+    scale = np.abs(reference).max()
+    np.testing.assert_allclose(dense_of(A), reference, rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(A.to_matrix().toarray(), reference, rtol=0, atol=1e-13 * scale)
+    np.testing.assert_allclose(A.diagonal(), np.diag(reference), rtol=1e-13)
+    x = random_vector(c.size, seed=seed % 97)
+    y_bar = random_vector(c.size, seed=seed % 89 + 1)
+    # A(c) is linear in c, A(c) = sum_k c_k A(e_k), so the exact cotangent of c_k under a
+    # part is y_bar . (A(e_k)_part x), with A(e_k) from the node-by-node reference.
+    pieces = [stencil_reference(np.eye(c.size)[k].reshape(grid), boundary, spacing)
+              for k in range(c.size)]
+    for part in PARTS:
+        expected = np.array([y_bar @ restrict(M, part) @ x for M in pieces]).reshape(grid)
+        np.testing.assert_allclose(A.param_vjp(x, y_bar, part)["c"], expected, rtol=1e-10,
+                                   atol=1e-12 * scale * np.abs(x).max() * np.abs(y_bar).max(),
+                                   err_msg=part)
