@@ -482,3 +482,29 @@ def test_same_code_runs_under_jit_and_matches_jax_autodiff(solver, dtype):
     np.testing.assert_allclose(x, result.x, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(cot.b, b_bar, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(cot.A, A_bar, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["zero_rhs", "eigenvector", "complex_eigenvector"])
+@pytest.mark.parametrize("solver", [po.BiCGSTAB(), po.GMRES(restart=3)], ids=repr)
+def test_degenerate_cases_give_finite_jax_gradients(solver, case):
+    # A zero residual and a happy breakdown (exact zeros in norms and Givens rotations) must
+    # not turn JAX's derivative of the traced steps into NaN.
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    dtype = np.complex128 if case == "complex_eigenvector" else np.float64
+    A = (np.diag([2.0, 3.0, 5.0, 7.0]) + (np.triu(np.ones((4, 4)), 1) if case == "zero_rhs"
+                                          else 0)).astype(dtype)
+    b = np.zeros(4, dtype) if case == "zero_rhs" else np.eye(4, dtype=dtype)[0]
+    ops = _TracingOps()
+
+    def k_step_map(A, b):
+        op = po.aslinearoperator(A)
+        state = solver.init(ops, op, b, jnp.zeros_like(b), None)
+        state = jax.lax.fori_loop(0, 6, lambda _, s: solver.step(ops, op, b, s, None), state)
+        return solver.iterate(ops, op, b, state, None)
+
+    with jax.enable_x64(True):
+        x, pullback = jax.vjp(k_step_map, jnp.asarray(A), jnp.asarray(b))
+        A_bar, b_bar = pullback(jnp.ones_like(x))
+        np.testing.assert_allclose(np.asarray(x), np.linalg.solve(A, b), atol=1e-15)
+        assert bool(jnp.all(jnp.isfinite(A_bar))) and bool(jnp.all(jnp.isfinite(b_bar)))

@@ -46,6 +46,22 @@ def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
     return z_bar if M is None else ctx.precond_T(z_bar)
 
 
+def _safe_sqrt(ops: ArrayOps, square: Any) -> Any:
+    """``sqrt(square)`` for ``square >= 0`` whose derivative is 0, not NaN, at 0.
+
+    Exact zeros are not rare here (a zero residual, the basis past a happy breakdown), and
+    under JAX's automatic differentiation a plain sqrt there turns every gradient into NaN.
+    """
+    xp = ops.xp
+    positive = square > 0
+    return xp.where(positive, xp.sqrt(xp.where(positive, square, 1)), 0)
+
+
+def _safe_norm(ops: ArrayOps, v: Any) -> Any:
+    """The Euclidean norm, with a derivative that is finite at ``v = 0``."""
+    return _safe_sqrt(ops, ops.xp.real(ops.vdot(v, v)))
+
+
 def _cycle_length(state: State) -> int:
     """Arnoldi steps per cycle, ``min(restart, n)`` (a static shape of the state)."""
     return state["H"].shape[1]
@@ -81,7 +97,7 @@ def _start_cycle(ops: ArrayOps, A: Any, b: Any, x: Any, m: int) -> State:
     """The state of a fresh cycle at ``x``: ``v_0 = r / ||r||`` with ``r = b - A x``."""
     xp = ops.xp
     r = b - A.matvec(x)
-    beta = ops.norm(r)
+    beta = _safe_norm(ops, r)
     V = ops.set_at(xp.zeros((m + 1, *r.shape), dtype=r.dtype), 0, ops.safe_divide(r, beta))
     return {"x_cycle": x, "V": V, "H": xp.zeros((m + 1, m), dtype=r.dtype),
             "Q": xp.eye(m + 1, dtype=r.dtype), "beta": beta, "j": xp.asarray(0, dtype=xp.int32)}
@@ -172,7 +188,7 @@ class GMRES(IterativeSolver):
         w = A.matvec(_precondition(M, V[j]))
         rows = _rows_in_use(ops, V, j)
         h1, h2, _, w2 = _orthogonalise(ops, rows, w)
-        h_next = ops.norm(w2)
+        h_next = _safe_norm(ops, w2)
         column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]), h1 + h2)
         column = ops.set_at(column, j + 1, h_next)
         V = ops.set_at(V, j + 1, ops.safe_divide(w2, h_next))
@@ -182,7 +198,7 @@ class GMRES(IterativeSolver):
         # subdiagonal entry with G = [[conj(c), conj(s)], [-s, c]], c = a / rho, s = h / rho.
         rotated = Q @ column
         a = rotated[j]
-        rho = xp.sqrt(xp.abs(a) ** 2 + h_next**2)
+        rho = _safe_sqrt(ops, xp.real(xp.conj(a) * a) + h_next**2)
         c = xp.where(rho == 0, xp.ones_like(a), ops.safe_divide(a, rho))
         s = ops.safe_divide(h_next, rho).astype(a.dtype)
         q_j, q_next = Q[j], Q[j + 1]
@@ -191,8 +207,10 @@ class GMRES(IterativeSolver):
         # ||b - A x_{j+1}|| = beta |e_{j+1}^T Q e_0|; before the step it was beta |Q[j, 0]|.
         residual_before = beta * xp.abs(q_j[0])
         breakdown = xp.logical_and(rho == 0, residual_before > 0)
+        q = Q[j + 1, 0]
         return {"x_cycle": state["x_cycle"], "V": V, "H": H, "Q": Q, "beta": beta,
-                "j": j + 1, "rnorm": beta * xp.abs(Q[j + 1, 0]), "breakdown": breakdown}
+                "j": j + 1, "rnorm": beta * _safe_sqrt(ops, xp.real(xp.conj(q) * q)),
+                "breakdown": breakdown}
 
     def iterate(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> Any:
         y, _, _ = _cycle_solution(ops, state)
