@@ -35,10 +35,11 @@ triangle).
 Backends
 --------
 Everything is written over the array namespace of the operator's arrays (numpy, cupy or
-jax.numpy) with functional operations only (``pad``, ``diff``, ``roll``, ``where``), so it
+jax.numpy) with functional operations only (slicing, ``concatenate``, ``roll``, ``where``), so it
 traces under JAX. The stencil application is the module-level :func:`apply_stencil`, called
-from :meth:`_StencilOperator._apply`; that method is the dispatch point a backend overrides
-(by subclassing) to substitute a fused kernel, e.g. a CuPy ``ElementwiseKernel``.
+from :meth:`_StencilOperator._apply`, the one dispatch point for backend kernels: for CuPy
+arrays it calls the fused ``ElementwiseKernel`` of ``prdp_ops.backends.cupy`` instead (a
+subclass may override it the same way).
 """
 
 from __future__ import annotations
