@@ -253,6 +253,7 @@ def test_diagonal_and_to_matrix_are_consistent_with_matvec(case):
             A.diagonal()
     if case.has_matrix:
         M = A.to_matrix()
+        assert not isinstance(M, np.matrix), "solvers expect ndarrays or sparse matrices"
         M = M.toarray() if sp.issparse(M) else np.asarray(M)
         np.testing.assert_allclose(M, from_matvec, rtol=1e-12, atol=1e-12)
     else:

@@ -40,6 +40,11 @@ def _is_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Number) or getattr(value, "ndim", None) == 0
 
 
+def _no_np_matrix(m: Any) -> Any:
+    # scipy.sparse matrix + ndarray gives np.matrix, which solvers must not receive.
+    return np.asarray(m) if isinstance(m, np.matrix) else m
+
+
 def _scalar_dtype(value: Any) -> Any:
     # JAX and CuPy scalars carry a dtype; np.asarray would pull a traced one to the host.
     return value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
@@ -338,7 +343,7 @@ class _SumOperator(LinearOperator):
         return self.args[0].diagonal() + self.args[1].diagonal()
 
     def to_matrix(self) -> Any:
-        return self.args[0].to_matrix() + self.args[1].to_matrix()
+        return _no_np_matrix(self.args[0].to_matrix() + self.args[1].to_matrix())
 
     def parameters(self) -> dict[str, Any]:
         return {**_prefixed("0.", self.args[0].parameters()),
@@ -415,7 +420,7 @@ class _ProductOperator(LinearOperator):
         return self.args[1]._rmatvec(self.args[0]._rmatvec(y))
 
     def to_matrix(self) -> Any:
-        return self.args[0].to_matrix() @ self.args[1].to_matrix()
+        return _no_np_matrix(self.args[0].to_matrix() @ self.args[1].to_matrix())
 
     def parameters(self) -> dict[str, Any]:
         return {**_prefixed("0.", self.args[0].parameters()),
