@@ -816,3 +816,17 @@ def test_diffusion_stencil_matches_the_node_by_node_matrix_on_random_grids(probl
         np.testing.assert_allclose(A.param_vjp(x, y_bar, part)["c"], expected, rtol=1e-10,
                                    atol=1e-12 * scale * np.abs(x).max() * np.abs(y_bar).max(),
                                    err_msg=part)
+
+
+@pytest.mark.parametrize("solver, options", [
+    ("cg", {}), ("gmres", {"restart": 20}), ("bicgstab", {}), ("jacobi", {"omega": 0.8}),
+    ("sor", {"omega": 1.5}), ("richardson", {"omega": 0.01}), ("steepest_descent", {}),
+])
+def test_every_solver_accepts_a_stencil(solver, options):
+    c = coefficient((5, 4))
+    A = po.DiffusionStencil(c, spacing=0.5)
+    b = random_vector(20)
+    result = po.solve(A, b, solver, rtol=1e-10, maxiter=20000, **options)
+    assert result.converged, result.message
+    expected = np.linalg.solve(stencil_reference(c, "dirichlet", (0.5, 0.5)), b)
+    np.testing.assert_allclose(result.x, expected, rtol=1e-7, atol=1e-9)
