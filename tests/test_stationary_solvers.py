@@ -439,9 +439,13 @@ def test_adjoint_none_gives_zero_cotangents(case, fmt):
 
 
 def test_stationary_reverse_sweep_keeps_only_the_iterates():
-    # The tape of a stationary method holds references to the iterates, nothing computed.
+    # The tape of a stationary method holds references to the iterates and to the map P
+    # prepared once per solve, nothing computed per step.
     solver = po.get_solver("sor", omega=1.3)
     ops = po.aslinearoperator(diagonally_dominant(N)).ops
-    before, after = {"x": np.zeros(N), "r": np.ones(N)}, {"x": np.ones(N), "r": np.zeros(N)}
+    P = object()
+    before = {"x": np.zeros(N), "r": np.ones(N), "P": P}
+    after = {"x": np.ones(N), "r": np.zeros(N), "P": P}
     record = solver.record(ops, None, None, None, before, after)
-    assert len(record) == 2 and record[0] is before["x"] and record[1] is after["x"]
+    assert len(record) == 3
+    assert record[0] is before["x"] and record[1] is after["x"] and record[2] is P

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import State
 from prdp_ops._solver.richardson import StationaryIteration
 
 __all__ = ["Jacobi", "check_nonzero_diagonal"]
@@ -66,16 +65,17 @@ class Jacobi(StationaryIteration):
 
     needs_diagonal = True
 
-    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
-        check_nonzero_diagonal(ops, A.diagonal(), "jacobi")
-        return super().init(ops, A, b, x0, M)
+    def prepare(self, ops: ArrayOps, A: Any, M: Any) -> Any:
+        d = ops.xp.asarray(A.diagonal())
+        check_nonzero_diagonal(ops, d, "jacobi")
+        return d
 
-    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any) -> Any:
-        return r / A.diagonal()
+    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
+        return r / P
 
     def correction_vjp(self, ops: ArrayOps, A: Any, M: Any, z: Any, z_bar: Any,
-                       ctx: Any) -> Any:
+                       ctx: Any, P: Any) -> Any:
         # z = D^-1 r:  r_bar = D^-1 z_bar,  D_bar = -r_bar z^T on the diagonal.
-        r_bar = z_bar / A.diagonal()
+        r_bar = z_bar / P
         ctx.record_pair(z, -r_bar, part="diagonal")
         return r_bar

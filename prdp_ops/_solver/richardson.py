@@ -50,8 +50,11 @@ class StationaryIteration(IterativeSolver):
     """Base of the stationary methods ``x' = x + omega P (b - A x)``.
 
     Subclasses implement :meth:`correction` (``z = P r``) and :meth:`correction_vjp` (its
-    transpose, recording A's share through ``P`` in the reverse context); the loop state,
-    the residual bookkeeping and the reverse sweep live here.
+    transpose, recording A's share through ``P`` in the reverse context), and may build
+    what ``P`` needs once per solve in :meth:`prepare` (SOR's triangle ``D + omega L``,
+    Jacobi's diagonal); it is carried in the state as ``"P"``, so a step neither rebuilds it
+    nor, on a GPU, reads anything back to the host. The loop state, the residual
+    bookkeeping and the reverse sweep live here.
 
     Parameters
     ----------
@@ -72,34 +75,44 @@ class StationaryIteration(IterativeSolver):
         return self.options["omega"]
 
     # -- what a subclass supplies -----------------------------------------------------
-    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any) -> Any:
-        """Return ``z = P r``, the unrelaxed correction for the residual ``r``."""
+    def prepare(self, ops: ArrayOps, A: Any, M: Any) -> Any:
+        """Build what :meth:`correction` needs from ``A``, once per solve (default: nothing)."""
+        return None
+
+    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
+        """Return ``z = P r``, the unrelaxed correction for the residual ``r``; ``P`` is
+        what :meth:`prepare` built."""
         raise NotImplementedError
 
     def correction_vjp(self, ops: ArrayOps, A: Any, M: Any, z: Any, z_bar: Any,
-                       ctx: Any) -> Any:
+                       ctx: Any, P: Any) -> Any:
         """Return ``r_bar = P^T z_bar`` for ``z = P r``; record A's cotangent through ``P``."""
         raise NotImplementedError
 
     # -- forward ----------------------------------------------------------------------
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
         r = b - A.matvec(x0)
-        return {"x": x0, "r": r, "rnorm": ops.norm(r)}
+        state = {"x": x0, "r": r, "rnorm": ops.norm(r)}
+        P = self.prepare(ops, A, M)
+        return state if P is None else {**state, "P": P}
 
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
-        x = state["x"] + self.omega * self.correction(ops, A, M, state["r"])
+        P = state.get("P")
+        x = state["x"] + self.omega * self.correction(ops, A, M, state["r"], P)
         r = b - A.matvec(x)
-        return {"x": x, "r": r, "rnorm": ops.norm(r)}
+        new = {"x": x, "r": r, "rnorm": ops.norm(r)}
+        return new if P is None else {**new, "P": P}
 
     # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The iterates only: the transposed iteration needs no other forward quantity.
-        return (before["x"], after["x"])
+        # The iterates only (and a reference to the prepared P): the transposed iteration
+        # needs no other forward quantity.
+        return (before["x"], after["x"], before.get("P"))
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
-        x, x_new = record
+        x, x_new, P = record
         x_bar = cotangent(state_bar, "x", x)
         r_bar_new = cotangent(state_bar, "r", x)
         # r' = b - A x'
@@ -107,7 +120,7 @@ class StationaryIteration(IterativeSolver):
         x_bar = x_bar + ctx.matvec_T(x_new, -r_bar_new)
         # x' = x + omega z,  z = P r
         z = (x_new - x) / self.omega
-        r_bar = self.correction_vjp(ops, A, M, z, self.omega * x_bar, ctx)
+        r_bar = self.correction_vjp(ops, A, M, z, self.omega * x_bar, ctx, P)
         return {"x": x_bar, "r": r_bar}
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
@@ -137,10 +150,10 @@ class Richardson(StationaryIteration):
 
     supports_preconditioner = True
 
-    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any) -> Any:
+    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
         return r if M is None else M.matvec(r)
 
     def correction_vjp(self, ops: ArrayOps, A: Any, M: Any, z: Any, z_bar: Any,
-                       ctx: Any) -> Any:
+                       ctx: Any, P: Any) -> Any:
         # M is a constant: no cotangent besides the transposed application.
         return z_bar if M is None else ctx.precond_T(z_bar)

@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import State
 from prdp_ops._solver.jacobi import check_nonzero_diagonal
 from prdp_ops._solver.richardson import StationaryIteration
 
@@ -75,18 +74,17 @@ class SOR(StationaryIteration):
     needs_matrix = True
     omega_upper = 2.0
 
-    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
-        A.to_matrix()  # a matrix-free operator fails here, with a message that says why
+    def prepare(self, ops: ArrayOps, A: Any, M: Any) -> Any:
+        matrix = A.to_matrix()  # a matrix-free operator fails here, saying why
         check_nonzero_diagonal(ops, A.diagonal(), "sor")
-        return super().init(ops, A, b, x0, M)
+        return sweep_matrix(ops, matrix, self.omega)
 
-    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any) -> Any:
-        T = sweep_matrix(ops, A.to_matrix(), self.omega)
-        return ops.solve_triangular(T, r, lower=True)
+    def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
+        return ops.solve_triangular(P, r, lower=True)
 
     def correction_vjp(self, ops: ArrayOps, A: Any, M: Any, z: Any, z_bar: Any,
-                       ctx: Any) -> Any:
-        T = sweep_matrix(ops, A.to_matrix(), self.omega)
+                       ctx: Any, P: Any) -> Any:
+        T = P
         # z = T^-1 r:  r_bar = T^-T z_bar,  T_bar = -r_bar z^T on T's lower triangle.
         r_bar = ops.solve_triangular(T.T, z_bar, lower=False)
         ctx.record_pair(z, -r_bar, part="diagonal")
