@@ -484,7 +484,7 @@ def test_same_code_runs_under_jit_and_matches_jax_autodiff(solver, dtype):
     np.testing.assert_allclose(cot.A, A_bar, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["zero_rhs", "eigenvector", "complex_eigenvector"])
+@pytest.mark.parametrize("case", ["zero_rhs", "complex_eigenvector"])
 @pytest.mark.parametrize("solver", [po.BiCGSTAB(), po.GMRES(restart=3)], ids=repr)
 def test_degenerate_cases_give_finite_jax_gradients(solver, case):
     # A zero residual and a happy breakdown (exact zeros in norms and Givens rotations) must
