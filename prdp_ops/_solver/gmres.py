@@ -18,13 +18,13 @@ after every step without forming ``x_j``. When a cycle is full, the next step fi
 ``x_c <- x_restart``, with the residual recomputed as ``b - A x_c`` (one extra product per
 restart, which keeps the reported residual honest).
 
-The state has fixed shapes (``V`` is ``(restart + 1, n)``; unused rows are zero and masked
-out), so the same code runs inside ``jax.lax.while_loop``. Orthogonalisation is classical
-Gram-Schmidt applied twice (CGS2), which is as accurate as modified Gram-Schmidt and made of
-two matrix-vector products with ``V`` instead of a loop. A happy breakdown (``h_{j+1,j} = 0``:
-the Krylov space is invariant and ``x_j`` is exact) is convergence, not failure; a zero
-pivot ``R_jj = 0`` while the residual is non-zero (``A M`` singular on the Krylov space) is
-reported as breakdown.
+The state has fixed shapes (``V`` is ``(m + 1, n)`` with ``m = min(restart, n)``; rows not
+yet in use are zero), so the same code runs inside ``jax.lax.while_loop``. Orthogonalisation
+is classical Gram-Schmidt applied twice (CGS2), which is as accurate as modified Gram-Schmidt
+and made of matrix-vector products with ``V`` instead of a loop over its rows. A happy
+breakdown (``h_{j+1,j} = 0``: the Krylov space is invariant and ``x_j`` is exact) is
+convergence, not failure; a zero pivot ``R_jj = 0`` while the residual is non-zero (``A M``
+singular on the Krylov space) is reported as breakdown.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def _masked_triangle(ops: ArrayOps, R: Any, j: Any) -> Any:
 
 
 def _cycle_solution(ops: ArrayOps, state: State) -> tuple[Any, Any, Any]:
-    """The least-squares solution ``y`` of the current cycle (padded to length ``restart``),
-    with the masked triangular factor and right-hand side it came from."""
+    """The least-squares solution ``y`` of the current cycle (zero-padded to the cycle
+    length), with the masked triangular factor and right-hand side it came from."""
     xp = ops.xp
     Q, H, j = state["Q"], state["H"], state["j"]
     m = H.shape[1]
@@ -258,20 +258,22 @@ class GMRES(IterativeSolver):
         H_J = H[: J + 1, :J]
         # x_end = x_c + M u,  u = V_J^T y
         u_bar = _precondition_T(M, ctx, x_bar)
+        # V_bar is this function's own accumulator (NumPy/CuPy only), so it is updated in
+        # place rather than copied once per Arnoldi step.
         V_bar = xp.zeros_like(V)
-        V_bar = ops.set_at(V_bar, slice(0, J), y[:, None] * u_bar[None, :])
+        V_bar[:J] = y[:, None] * u_bar[None, :]
         y_bar = V[:J] @ u_bar
         # y = argmin ||c - H_J y||, c = beta e_1, H_J = Q^H [R; 0]. With eta solving
         # R^H R eta = conj(y_bar) and the least-squares residual l = c - H_J y:
         # c_bar = conj(H_J eta),  H_bar = -conj(H_J eta) y^T + conj(l) eta^T.
         eta = xp.linalg.solve(R, xp.linalg.solve(xp.conj(R.T), xp.conj(y_bar)))
         c = xp.zeros(J + 1, dtype=H.dtype)
-        c = ops.set_at(c, 0, beta)
+        c[0] = beta
         c_bar = xp.conj(H_J @ eta)
         H_bar = -c_bar[:, None] * y[None, :] + xp.conj(c - H_J @ y)[:, None] * eta[None, :]
         beta_bar = xp.real(c_bar[0])
         for j in range(J - 1, -1, -1):
-            V_bar = self._arnoldi_vjp(ops, A, M, V, H, j, H_bar[: j + 2, j], V_bar, ctx)
+            self._arnoldi_vjp(ops, A, M, V, H, j, H_bar[: j + 2, j], V_bar, ctx)
         # v_0 = r / beta,  beta = ||r||,  r = b - A x_c
         v0 = V[0]
         beta_bar = beta_bar - xp.real(ops.dot(V_bar[0], v0)) * ops.safe_divide(1.0, beta)
@@ -280,8 +282,8 @@ class GMRES(IterativeSolver):
         return x_bar + ctx.matvec_T(state["x_cycle"], -r_bar)
 
     def _arnoldi_vjp(self, ops: ArrayOps, A: Any, M: Any, V: Any, H: Any, j: int,
-                     column_bar: Any, V_bar: Any, ctx: Any) -> Any:
-        """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar``.
+                     column_bar: Any, V_bar: Any, ctx: Any) -> None:
+        """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar`` (in place).
 
         ``column_bar`` is the cotangent of ``H[:j+2, j]``; ``V_bar[j+1]`` must already hold
         the full cotangent of the basis vector this step created.
@@ -307,8 +309,7 @@ class GMRES(IterativeSolver):
         h1_bar = h_bar - V_active @ w1_bar
         Va_bar = Va_bar - h1[:, None] * w1_bar[None, :] + xp.conj(h1_bar[:, None] * w[None, :])
         w_bar = w1_bar + xp.conj(V_active).T @ h1_bar
-        V_bar = ops.set_at(V_bar, slice(0, j + 1), V_bar[: j + 1] + Va_bar)
+        V_bar[: j + 1] += Va_bar
         # w = A z,  z = M v_j
         z_bar = ctx.matvec_T(z, w_bar)
-        V_bar = ops.set_at(V_bar, j, V_bar[j] + _precondition_T(M, ctx, z_bar))
-        return V_bar
+        V_bar[j] += _precondition_T(M, ctx, z_bar)
