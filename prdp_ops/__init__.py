@@ -5,6 +5,7 @@ The core imports only numpy and scipy. JAX lives in ``prdp_ops.backends.jax`` an
 ``prdp_ops.backends.cupy``; both are imported only when used.
 """
 
+from prdp_ops._controller import PRDPController as PRDPController
 from prdp_ops._operators.base import LinearOperator as LinearOperator
 from prdp_ops._operators.base import MatrixFreeError as MatrixFreeError
 from prdp_ops._operators.convert import aslinearoperator as aslinearoperator
@@ -15,23 +16,22 @@ from prdp_ops._operators.function import ScipyLinearOperator as ScipyLinearOpera
 from prdp_ops._operators.stencil import DiffusionStencil as DiffusionStencil
 from prdp_ops._operators.stencil import LaplacianStencil as LaplacianStencil
 from prdp_ops._solution import Cotangents as Cotangents
-from prdp_ops._solution import SolveResult as SolveResult
 from prdp_ops._solution import SolverError as SolverError
+from prdp_ops._solution import SolveResult as SolveResult
 from prdp_ops._solution import Status as Status
 from prdp_ops._solve import solve as solve
 from prdp_ops._solve import solve_vjp as solve_vjp
-from prdp_ops._controller import PRDPController as PRDPController
 from prdp_ops._solver.base import IterativeSolver as IterativeSolver
 from prdp_ops._solver.bicgstab import BiCGSTAB as BiCGSTAB
 from prdp_ops._solver.cg import CG as CG
 from prdp_ops._solver.gmres import GMRES as GMRES
 from prdp_ops._solver.jacobi import Jacobi as Jacobi
-from prdp_ops._solver.richardson import Richardson as Richardson
-from prdp_ops._solver.sor import SOR as SOR
-from prdp_ops._solver.steepest_descent import SteepestDescent as SteepestDescent
 from prdp_ops._solver.registry import available_solvers as available_solvers
 from prdp_ops._solver.registry import get_solver as get_solver
 from prdp_ops._solver.registry import register_solver as register_solver
+from prdp_ops._solver.richardson import Richardson as Richardson
+from prdp_ops._solver.sor import SOR as SOR
+from prdp_ops._solver.steepest_descent import SteepestDescent as SteepestDescent
 
 for _name, _cls in [("cg", CG), ("bicgstab", BiCGSTAB), ("gmres", GMRES), ("jacobi", Jacobi),
                     ("sor", SOR), ("richardson", Richardson),
