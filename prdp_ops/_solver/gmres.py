@@ -123,12 +123,17 @@ def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any]:
     Returns ``(h1, h2, w1, w2)``: the two coefficient vectors and the vector after each pass
     (``h1 + h2`` is the Hessenberg column, ``w2`` the unnormalised new basis vector).
     """
-    xp = ops.xp
-    h1 = xp.conj(V) @ w
+    h1 = _adjoint_product(ops, V, w)
     w1 = w - V.T @ h1
-    h2 = xp.conj(V) @ w1
+    h2 = _adjoint_product(ops, V, w1)
     w2 = w1 - V.T @ h2
     return h1, h2, w1, w2
+
+
+def _adjoint_product(ops: ArrayOps, V: Any, w: Any) -> Any:
+    """``conj(V) @ w`` (the inner products ``<v_i, w>``), conjugating vectors, not ``V``."""
+    xp = ops.xp
+    return xp.conj(V @ xp.conj(w))
 
 
 class GMRES(IterativeSolver):
@@ -303,13 +308,14 @@ class GMRES(IterativeSolver):
         h_bar = column_bar[: j + 1]
         # w2 = w1 - V^T h2,  h2 = conj(V) w1
         h2_bar = h_bar - V_active @ w2_bar
-        Va_bar = -h2[:, None] * w2_bar[None, :] + xp.conj(h2_bar[:, None] * w1[None, :])
-        w1_bar = w2_bar + xp.conj(V_active).T @ h2_bar
+        w1_bar = w2_bar + _adjoint_product(ops, V_active.T, h2_bar)
         # w1 = w - V^T h1,  h1 = conj(V) w
         h1_bar = h_bar - V_active @ w1_bar
-        Va_bar = Va_bar - h1[:, None] * w1_bar[None, :] + xp.conj(h1_bar[:, None] * w[None, :])
-        w_bar = w1_bar + xp.conj(V_active).T @ h1_bar
-        V_bar[: j + 1] += Va_bar
+        w_bar = w1_bar + _adjoint_product(ops, V_active.T, h1_bar)
+        # V's share of all four products, -h2 w2_bar^T + conj(h2_bar w1^T) - h1 w1_bar^T
+        # + conj(h1_bar w^T), as one (j+1) x 4 by 4 x n matrix product.
+        coefficients = xp.stack([-h2, xp.conj(h2_bar), -h1, xp.conj(h1_bar)], axis=1)
+        V_bar[: j + 1] += coefficients @ xp.stack([w2_bar, xp.conj(w1), w1_bar, xp.conj(w)])
         # w = A z,  z = M v_j
         z_bar = ctx.matvec_T(z, w_bar)
         V_bar[j] += _precondition_T(M, ctx, z_bar)
