@@ -331,7 +331,9 @@ def _vector(v: Any, n: int, name: str, dtype: Any) -> Any:
             f"{name} must have shape ({n},) to match A of shape ({n}, {n}); got shape {shape}"
         )
     v = v.reshape(-1).astype(dtype)
-    if not _is_traced(v) and not bool(jnp.all(jnp.isfinite(v))):
+    # A concrete vector is checked on the host (jnp ops would be staged under jit); a traced
+    # one that is not finite is reported by the driver as a NaN residual.
+    if not _is_traced(v) and not np.all(np.isfinite(np.asarray(v))):
         raise ValueError(f"{name} contains NaN or inf; pass finite values")
     return v
 
