@@ -31,6 +31,10 @@ def _precondition(M: Any, r: Any) -> Any:
     return r if M is None else M.matvec(r)
 
 
+def _identity(a: Any) -> Any:
+    return a
+
+
 def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
     return z_bar if M is None else ctx.precond_T(z_bar)
 
@@ -99,7 +103,8 @@ class BiCGSTAB(IterativeSolver):
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
-        xp = ops.xp
+        # conj is a copy for real arrays; skip it there (the reverse runs once per step).
+        conj = ops.xp.conj if ops.xp.iscomplexobj(record[0]["r"]) else _identity
         before, after = record
         r, r_hat, p_old, v_old = before["r"], before["r_hat"], before["p"], before["v"]
         rho, alpha_old, omega_old = before["rho"], before["alpha"], before["omega"]
@@ -139,8 +144,8 @@ class BiCGSTAB(IterativeSolver):
         ts_bar = ops.safe_divide(omega_bar, tt)
         tt_bar = -omega_bar * ops.safe_divide(omega, tt)
         # ts = <t, s>,  tt = <t, t>
-        t_bar = t_bar + xp.conj(s * ts_bar) + xp.conj(t * tt_bar) + xp.conj(t) * tt_bar
-        s_bar = s_bar + xp.conj(t) * ts_bar
+        t_bar = t_bar + conj(s * ts_bar) + conj(t * tt_bar) + conj(t) * tt_bar
+        s_bar = s_bar + conj(t) * ts_bar
         # t = A s_hat ;  s_hat = M s
         s_hat_bar = s_hat_bar + ctx.matvec_T(s_hat, t_bar)
         s_bar = s_bar + _precondition_T(M, ctx, s_hat_bar)
@@ -152,8 +157,8 @@ class BiCGSTAB(IterativeSolver):
         rho_new_bar = rho_new_bar + ops.safe_divide(alpha_bar, rv)
         rv_bar = -alpha_bar * ops.safe_divide(alpha, rv)
         # rv = <r_hat, v'>
-        r_hat_bar = r_hat_bar + xp.conj(v * rv_bar)
-        v_bar = v_bar + xp.conj(r_hat) * rv_bar
+        r_hat_bar = r_hat_bar + conj(v * rv_bar)
+        v_bar = v_bar + conj(r_hat) * rv_bar
         # v' = A p_hat ;  p_hat = M p'
         p_hat_bar = p_hat_bar + ctx.matvec_T(p_hat, v_bar)
         p_bar_new = p_bar_new + _precondition_T(M, ctx, p_hat_bar)
@@ -172,8 +177,8 @@ class BiCGSTAB(IterativeSolver):
         alpha_bar_old = ops.safe_divide(ratio_ao_bar, omega_old)
         omega_bar_old = omega_bar_old - ratio_ao_bar * ops.safe_divide(ratio_ao, omega_old)
         # rho' = <r_hat, r>
-        r_hat_bar = r_hat_bar + xp.conj(r * rho_new_bar)
-        r_bar = r_bar + xp.conj(r_hat) * rho_new_bar
+        r_hat_bar = r_hat_bar + conj(r * rho_new_bar)
+        r_bar = r_bar + conj(r_hat) * rho_new_bar
         return {"x": x_bar, "r": r_bar, "r_hat": r_hat_bar, "p": p_bar, "v": v_bar_old,
                 "rho": rho_bar, "alpha": alpha_bar_old, "omega": omega_bar_old}
 
