@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import SOLVER_CASES, random_vector, spd
 from jax.experimental import sparse as jax_sparse
 from jax.test_util import check_grads
+from prdp_ops.backends import jax as pj
 
 import prdp_ops as po
-from helpers import SOLVER_CASES, random_vector, spd
-from prdp_ops.backends import jax as pj
 
 jax.config.update("jax_enable_x64", True)
 
@@ -294,7 +294,7 @@ def test_unrolled_checkpointing_gives_the_same_gradient() -> None:
 
 def test_unrolled_stops_at_convergence_and_differentiates_what_ran() -> None:
     A, b = jnp.asarray(spd(N, cond=3.0)), jnp.asarray(random_vector(N))
-    x, result = pj.solve(A, b, maxiter=50, rtol=1e-4, adjoint="unrolled", return_result=True)
+    _, result = pj.solve(A, b, maxiter=50, rtol=1e-4, adjoint="unrolled", return_result=True)
     k = int(result.iterations)
     assert 0 < k < 50
     got = jax.grad(lambda b: jnp.sum(pj.solve(A, b, maxiter=50, rtol=1e-4,
@@ -458,11 +458,11 @@ def test_diffusion_stencil_coefficient_gradient() -> None:
 
 def test_user_registered_solver_runs_and_differentiates() -> None:
     class HalfRichardson(po.IterativeSolver):
-        def init(self, ops, A, b, x0, M):  # noqa: ANN001, ANN201
+        def init(self, ops, A, b, x0, M):
             r = b - A.matvec(x0)
             return {"x": x0, "r": r, "rnorm": ops.norm(r)}
 
-        def step(self, ops, A, b, state, M):  # noqa: ANN001, ANN201
+        def step(self, ops, A, b, state, M):
             x = state["x"] + 0.05 * state["r"]
             r = b - A.matvec(x)
             return {"x": x, "r": r, "rnorm": ops.norm(r)}
@@ -502,7 +502,7 @@ def test_breakdown_is_reported_and_keeps_the_last_good_state(caplog: object) -> 
 
 def test_breakdown_raises_inside_jit_when_asked() -> None:
     A, b = _indefinite()
-    with pytest.raises(Exception, match="broke down"):  # noqa: B017,PT011 - XLA's wrapper type
+    with pytest.raises(Exception, match="broke down"):
         jax.block_until_ready(jax.jit(lambda b: pj.solve(A, b, maxiter=20,
                                                          on_failure="raise"))(b))
         jax.effects_barrier()
