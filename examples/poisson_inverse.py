@@ -112,42 +112,45 @@ def problem_2d(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     decay = 1.0 / np.add.outer(np.arange(1, m + 1), np.arange(1, m + 1)).reshape(-1)
     coefficients_ref = rng.uniform(-1, 1, m * m) * decay * 50
-    f_ref = coefficients_ref @ basis
     # Each sine mode is an eigenvector of the discrete Laplacian: the exact solution is a
     # mode-wise division, no dense matrix needed.
     eigen_1d = (2 - 2 * np.cos(np.pi * np.arange(1, m + 1) * h)) / h**2
     eigen = np.add.outer(eigen_1d, eigen_1d).reshape(-1)
     u_ref = (coefficients_ref / eigen) @ basis
     basis_jax = jnp.asarray(basis)
-    k_converged = _converged_cg_count(operator, jnp.asarray(f_ref), cap=4 * n)
-    return {"operator": operator, "solver": "cg",
-            "source": lambda c: c @ basis_jax,
-            "u_ref": jnp.asarray(u_ref), "params_init": jnp.zeros(m * m),
-            "params_ref": jnp.asarray(coefficients_ref), "k_max": k_converged,
-            "steps": sizes["steps"], "optimizer": optax.adam(SETTINGS_2D["lr"]),
-            "controller": dict(SETTINGS_2D["controller"], k_max=k_converged),
-            "size": f"{n}x{n} grid, {m * m} parameters", "f_ref_norm": np.linalg.norm(f_ref)}
+    problem = {"operator": operator, "solver": "cg", "source": lambda c: c @ basis_jax,
+               "u_ref": jnp.asarray(u_ref), "params_init": jnp.zeros(m * m),
+               "params_ref": jnp.asarray(coefficients_ref), "steps": sizes["steps"],
+               "optimizer": optax.adam(SETTINGS_2D["lr"]),
+               "size": f"{n}x{n} grid, {m * m} parameters"}
+    problem["k_max"] = converged_count(problem, rtol=1e-8, cap=4 * n)
+    problem["controller"] = dict(SETTINGS_2D["controller"], k_max=problem["k_max"])
+    return problem
 
 
-def _converged_cg_count(operator: po.LinearOperator, b: jax.Array, cap: int) -> int:
-    """CG iterations that bring the relative residual for ``b`` below 1e-8 (the baseline)."""
+def converged_count(problem: dict[str, Any], rtol: float, cap: int) -> int:
+    """Iterations of the problem's solver that bring the relative residual of the reference
+    source below ``rtol`` (at most ``cap``): the converged baseline's count."""
     from prdp_ops.backends import jax as pj
 
+    operator = problem["operator"]
+    b = problem["source"](problem["params_ref"])
+
     def relative_residual(k: int) -> float:
-        x = pj.solve(operator, b, solver="cg", maxiter=k, rtol=0.0, atol=0.0)
+        x = pj.solve(operator, b, solver=problem["solver"], maxiter=k, rtol=0.0, atol=0.0,
+                     **problem.get("solver_options", {}))
         return float(jnp.linalg.norm(b - operator.matvec(x)) / jnp.linalg.norm(b))
 
-    return _common.converged_iterations(relative_residual, 1e-8, cap)
+    return _common.converged_iterations(relative_residual, rtol, cap)
 
 
 # ---------------------------------------------------------------------------- training
 
 
-def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
-    """The training problem for the parsed arguments."""
+def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.Trainer:
+    """Gradient steps on the parameters through ``K`` iterations of the problem's solver."""
     from prdp_ops.backends import jax as pj
 
-    problem = problem_2d(args) if args.variant == "2d" else problem_1d(args)
     operator, solver, source = problem["operator"], problem["solver"], problem["source"]
     u_ref, params_ref = problem["u_ref"], problem["params_ref"]
     optimizer = problem["optimizer"]
@@ -157,7 +160,8 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
 
     def loss_fn(params: jax.Array, k: jax.Array, k_adjoint: jax.Array) -> jax.Array:
         u = pj.solve(operator, source(params), solver=solver, maxiter=k, rtol=0.0, atol=0.0,
-                     adjoint=args.adjoint, adjoint_maxiter=k_adjoint, max_steps=max_steps)
+                     adjoint=args.adjoint, adjoint_maxiter=k_adjoint, max_steps=max_steps,
+                     **problem.get("solver_options", {}))
         return jnp.sum((u - u_ref) ** 2) / (2 * n)
 
     @jax.jit
@@ -184,11 +188,9 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
     def warmup() -> None:
         parameter_error(run_epoch(init_state(), 0, 1, 1))
 
-    trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
-                              validate=parameter_error,
-                              iterations_per_epoch=iterations_per_epoch, epochs=steps,
-                              warmup=warmup)
-    return trainer, problem
+    return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
+                           validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
+                           epochs=steps, warmup=warmup)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the example; return the result dict (also printed as the last JSON line)."""
     _common.enable_x64()
     args = parse_args(argv)
-    trainer, problem = build(args)
+    problem = problem_2d(args) if args.variant == "2d" else problem_1d(args)
+    trainer = make_trainer(problem, args)
     k_baseline = problem["k_max"]
     print(f"Poisson inverse {args.variant} ({problem['size']}), solver {problem['solver']}, "
           f"adjoint {args.adjoint}, {trainer.epochs} steps; converged baseline K = "
