@@ -627,7 +627,8 @@ def solve(
             A, b, solver, backend=backend, x0=x0, maxiter=maxiter, rtol=rtol, atol=atol, M=M,
             adjoint=adjoint, adjoint_maxiter=adjoint_maxiter, adjoint_rtol=adjoint_rtol,
             adjoint_atol=adjoint_atol, adjoint_solver=adjoint_solver,
-            return_result=return_result, on_failure=on_failure)
+            return_result=return_result, on_failure=on_failure,
+            adjoint_callback=adjoint_callback)
 
     b_in = b
     if not hasattr(b, "shape"):

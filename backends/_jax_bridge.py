@@ -1,0 +1,323 @@
+"""The bridge: a NumPy (or CuPy) solve called from jitted JAX code.
+
+``prdp_ops.backends.jax.solve(..., backend="numpy")`` runs ``po.solve`` on the host through
+``jax.pure_callback`` and gives it a ``jax.custom_vjp``:
+
+* forward: one callback runs the NumPy driver and returns ``x`` with its convergence
+  information;
+* ``adjoint="implicit"``: a second callback runs the adjoint solve with the forward's ``x``
+  (the forward is not repeated) -- the core's implicit vjp, with its transposed
+  preconditioner, rescaled right-hand side and failure policy;
+* ``adjoint="unrolled"``: the backward callback reruns the forward solve with a tape and
+  sweeps it in reverse (``po.solve_vjp``): about two forward solves plus the reverse sweep.
+  Nothing is kept on the host between the two callbacks, so jit, vmap and grad compose.
+
+Both callbacks are batched by ``vmap`` one problem at a time (``vmap_method="sequential"``).
+``maxiter`` and the tolerances travel as callback operands, so they may be traced here too.
+
+A may be a dense jax array, a jax BCOO matrix, a ``po.LinearOperator`` whose parameters are
+jax arrays (gradients reach all of these), or anything ``po.aslinearoperator`` takes (a
+scipy.sparse matrix, a NumPy array, a SciPy LinearOperator: a constant, no gradient).
+``x0`` and ``M`` are constants on the bridge.
+
+CuPy hook: with ``backend="cupy"`` the same host functions run on CuPy arrays, and the
+transport is ``prdp_ops.backends.cupy.jax_callback(fn, result_shape_dtypes, *args,
+vmap_method=...)``: the contract of ``jax.pure_callback``, except that ``fn`` receives and
+returns CuPy arrays that share device memory with JAX's buffers (DLPack; no host round trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from prdp_ops.backends import _jax_driver as driver
+
+import prdp_ops as po
+from prdp_ops import _solve as core
+from prdp_ops._array_ops import array_backend_name
+from prdp_ops._operators.base import LinearOperator
+from prdp_ops._solver.base import IterativeSolver
+
+__all__ = ["bridge_solve"]
+
+
+# -- operators on the host -----------------------------------------------------------------------
+def _is_bcoo(a: Any) -> bool:
+    return (type(a).__module__ or "").startswith("jax.experimental.sparse")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _HostOperator:
+    """How to rebuild A on the host from the arrays the callback receives, and how its
+    cotangent maps back to those arrays.
+
+    ``kind``: "dense" (a jax matrix), "bcoo" (jax BCOO: ``data`` differentiable,
+    ``indices`` a constant operand), "operator" (a LinearOperator with jax parameters) or
+    "constant" (anything else ``po.aslinearoperator`` takes, kept in the closure).
+    """
+
+    kind: str
+    shape: tuple[int, int]
+    dtype: Any
+    params: dict[str, Any]  # jax arrays that receive cotangents
+    constants: tuple[Any, ...]  # jax arrays passed to the callback without cotangents
+    template: Any = None  # the LinearOperator ("operator") or the constant A
+
+    def build(self, params: dict[str, Any], constants: tuple[Any, ...]) -> LinearOperator:
+        if self.kind == "dense":
+            return po.DenseOperator(params["matrix"])
+        if self.kind == "bcoo":
+            return po.SparseOperator(_sparse_matrix(params["data"], constants[0], self.shape))
+        if self.kind == "operator":
+            return self.template.with_parameters(params)
+        return po.aslinearoperator(self.template)
+
+    def param_cotangents(self, A_bar: Any, params: dict[str, Any],
+                        constants: tuple[Any, ...]) -> dict[str, Any]:
+        """Turn ``Cotangents.A`` into cotangents of :attr:`params` (host arrays)."""
+        if self.kind == "dense":
+            return {"matrix": A_bar}
+        if self.kind == "bcoo":
+            indices = constants[0]
+            # A_bar has the canonical CSR's pattern; every BCOO entry (duplicates included)
+            # receives the cotangent of the position it adds to.
+            values = A_bar[indices[:, 0], indices[:, 1]]
+            return {"data": _xp(params["data"]).asarray(values).reshape(-1)}
+        if self.kind == "operator":
+            if isinstance(A_bar, dict):
+                return A_bar
+            # Operators whose format_cotangent is not a dict (a dense/sparse wrapper).
+            return {name: A_bar for name in params}
+        return {}
+
+
+def _xp(a: Any) -> Any:
+    if array_backend_name(a) == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def _sparse_matrix(data: Any, indices: Any, shape: tuple[int, int]) -> Any:
+    """A scipy (or cupyx) COO matrix from BCOO data and indices; CSR conversion sums repeats."""
+    if array_backend_name(data) == "cupy":
+        import cupyx.scipy.sparse as sparse
+    else:
+        import scipy.sparse as sparse
+    return sparse.coo_matrix((data, (indices[:, 0], indices[:, 1])), shape=shape)
+
+
+def _host_operator(A: Any, name: str) -> _HostOperator:
+    if isinstance(A, (po.DenseOperator, po.SparseOperator)) and array_backend_name(
+            A.matrix) == "jax":
+        A = A.matrix  # the matrix itself, so its cotangent maps back entry by entry
+    if isinstance(A, LinearOperator):
+        params = A.parameters()
+        if any(array_backend_name(v) == "jax" for v in params.values()):
+            return _HostOperator("operator", A.shape, A.dtype, params, (), A)
+        return _HostOperator("constant", A.shape, A.dtype, {}, (), A)
+    if _is_bcoo(A):
+        return _HostOperator("bcoo", A.shape, A.dtype, {"data": A.data}, (A.indices,))
+    if isinstance(A, jax.Array):
+        if A.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D matrix; got an array of shape {A.shape}")
+        return _HostOperator("dense", A.shape, A.dtype, {"matrix": A}, ())
+    if callable(A) and not hasattr(A, "shape"):
+        raise TypeError(
+            f"{name}: a matvec function cannot cross the bridge to NumPy; pass a matrix, a "
+            "po.LinearOperator (e.g. po.FunctionOperator for a NumPy function), or use "
+            "backend='jax'"
+        )
+    op = core._as_operator(A, name)  # the core's checks and messages
+    return _HostOperator("constant", op.shape, op.dtype, {}, (), A)
+
+
+# -- the bridge ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Bridge:
+    """Static description of one bridged solve."""
+
+    A: _HostOperator
+    M: _HostOperator | None
+    solver: IterativeSolver
+    adjoint_solver: IterativeSolver
+    adjoint: str
+    on_failure: str
+    n: int
+    dtype: Any
+    history_size: int | None
+    transport: Callable
+    adjoint_callback: Callable | None
+
+    # -- host side (runs inside the callbacks) ------------------------------------------------
+    def _problem(self, params: dict, constants: tuple, m_params: dict, m_constants: tuple,
+                 b: Any, x0: Any, controls: Any) -> core._Problem:
+        maxiter, rtol, atol = int(controls[0]), float(controls[1]), float(controls[2])
+        A = self.A.build(params, constants)
+        M = None if self.M is None else self.M.build(m_params, m_constants)
+        return core._Problem(A, b, self.solver, x0, maxiter, rtol, atol, M, self.on_failure,
+                             1, {})
+
+    def forward_host(self, params: dict, constants: tuple, m_params: dict,
+                     m_constants: tuple, b: Any, x0: Any, controls: Any) -> tuple:
+        problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
+        result = problem.run().result
+        return (_xp(b).asarray(result.x, dtype=self.dtype).reshape(self.n),
+                *_encode(result, self.history_size))
+
+    def backward_host(self, params: dict, constants: tuple, m_params: dict,
+                      m_constants: tuple, b: Any, x0: Any, controls: Any, x: Any,
+                      x_bar: Any) -> tuple:
+        problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
+        if self.adjoint == "unrolled":
+            run = problem.run(keep_tape=True)
+            cotangents = core._unrolled_vjp(problem, run)(x_bar)
+        else:
+            settings = core._adjoint_problem(problem, self.adjoint_solver, int(controls[3]),
+                                             float(controls[4]), float(controls[5]))
+            cotangents = core._implicit_vjp(problem, settings, x)(x_bar)
+            if self.adjoint_callback is not None and cotangents.adjoint_result is not None:
+                self.adjoint_callback(cotangents.adjoint_result)
+        xp = _xp(b)
+        params_bar = self.A.param_cotangents(cotangents.A, params, constants) if params else {}
+        params_bar = {k: xp.asarray(v, dtype=params[k].dtype).reshape(params[k].shape)
+                      for k, v in params_bar.items()}
+        return xp.asarray(cotangents.b, dtype=self.dtype).reshape(self.n), params_bar
+
+    # -- device side ----------------------------------------------------------------------------
+    def result_shapes(self) -> tuple:
+        real = jnp.finfo(self.dtype).dtype
+        size = 2 if self.history_size is None else self.history_size + 1
+        return (jax.ShapeDtypeStruct((self.n,), self.dtype),
+                jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
+                jax.ShapeDtypeStruct((size,), real))
+
+    def function(self) -> Callable:
+        """The bridged solve as a ``custom_vjp`` function."""
+
+        def call_forward(params: dict, constants: tuple, m_params: dict, m_constants: tuple,
+                         b: Any, x0: Any, controls: Any) -> tuple:
+            return self.transport(self.forward_host, self.result_shapes(), params, constants,
+                                  m_params, m_constants, b, x0, controls,
+                                  vmap_method="sequential")
+
+        @jax.custom_vjp
+        def solve_fn(params: dict, constants: tuple, m_params: dict, m_constants: tuple,
+                     b: Any, x0: Any, controls: Any) -> tuple:
+            return call_forward(params, constants, m_params, m_constants, b, x0, controls)
+
+        def fwd(*args: Any) -> tuple:
+            out = call_forward(*args)
+            return out, (*args, out[0])
+
+        def bwd(residuals: tuple, cotangents: tuple) -> tuple:
+            params, constants, m_params, m_constants, b, x0, controls, x = residuals
+            shapes = (jax.ShapeDtypeStruct((self.n,), self.dtype),
+                      {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()})
+            b_bar, params_bar = self.transport(
+                self.backward_host, shapes, params, constants, m_params, m_constants, b, x0,
+                controls, x, cotangents[0], vmap_method="sequential")
+            none = jax.tree_util.tree_map(lambda _: None, (constants, m_params, m_constants))
+            return (params_bar, *none, b_bar, None, None)
+
+        solve_fn.defvjp(fwd, bwd)
+        return solve_fn
+
+
+def _encode(result: po.SolveResult, history_size: int | None) -> tuple:
+    """Iterations, status code and residual history as fixed-shape host arrays."""
+    norms = np.asarray(result.residual_norms, dtype=np.float64)
+    if history_size is None:
+        history = np.array([norms[0], norms[-1]])
+    else:
+        history = np.full(history_size + 1, np.nan)
+        history[: norms.size] = norms[: history_size + 1]
+    return (np.int32(result.iterations), np.int32(driver.STATUSES.index(result.status)),
+            history)
+
+
+def _numpy_transport(fn: Callable, result_shapes: Any, *args: Any, vmap_method: str) -> Any:
+    """``jax.pure_callback`` with the callback's arguments as NumPy arrays."""
+
+    def on_host(*host_args: Any) -> Any:
+        return fn(*jax.tree_util.tree_map(np.asarray, host_args))
+
+    return jax.pure_callback(on_host, result_shapes, *args, vmap_method=vmap_method)
+
+
+def _transport(backend: str) -> Callable:
+    if backend == "numpy":
+        return _numpy_transport
+    try:
+        from prdp_ops.backends import cupy as cupy_backend
+    except ImportError as err:
+        raise RuntimeError(f"backend='cupy' needs CuPy and a CUDA GPU: {err}") from err
+    reason = cupy_backend.gpu_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend='cupy' needs a CUDA GPU: {reason}")
+    hook = getattr(cupy_backend, "jax_callback", None)
+    if hook is None:
+        raise NotImplementedError(
+            "backend='cupy' needs prdp_ops.backends.cupy.jax_callback (the DLPack transport "
+            "with jax.pure_callback's contract), which this installation lacks"
+        )
+    return hook
+
+
+def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: Any,
+                 maxiter: Any, rtol: Any, atol: Any, M: Any, adjoint: str,
+                 adjoint_maxiter: Any, adjoint_rtol: Any, adjoint_atol: Any,
+                 adjoint_solver: IterativeSolver, return_result: bool, on_failure: str,
+                 adjoint_callback: Callable | None = None) -> Any:
+    """``prdp_ops.backends.jax.solve`` for ``backend="numpy"``/``"cupy"`` (same arguments)."""
+    from prdp_ops.backends import jax as pj
+
+    transport = _transport(backend)
+    if adjoint == "unrolled" and not solver.supports_unrolled_numpy:
+        raise NotImplementedError(
+            f"solver {solver.name!r} has no reverse step on NumPy/CuPy, so adjoint='unrolled' "
+            "is unavailable on the bridge: use backend='jax' (which derives it) or "
+            "adjoint='implicit'"
+        )
+    b_in = b if hasattr(b, "shape") else jnp.asarray(b)
+    host_A = _host_operator(A, "A")
+    if host_A.shape[0] != host_A.shape[1]:
+        raise ValueError(
+            f"A must be square for a linear solve; got shape {host_A.shape}. For a "
+            "least-squares problem solve the normal equations (A^H A x = A^H b) instead"
+        )
+    n = host_A.shape[0]
+    dtype = jnp.result_type(host_A.dtype, b_in.dtype, jnp.float32)
+    if jnp.issubdtype(dtype, jnp.complexfloating) and not solver.supports_complex:
+        raise TypeError(f"solver {solver.name!r} does not support complex data (dtype {dtype})")
+    b = pj._vector(b_in, n, "b", dtype)
+    x0 = jnp.zeros(n, dtype) if x0 is None else pj._vector(x0, n, "x0", dtype)
+    host_M = None
+    if M is not None:
+        if not solver.supports_preconditioner:
+            raise ValueError(f"solver {solver.name!r} takes no preconditioner M")
+        host_M = _host_operator(M, "M")
+    maxiter = 10 * n if maxiter is None else pj._count(maxiter, "maxiter")
+    controls = jnp.stack([c.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+                          for c in pj._controls(maxiter, rtol, atol, adjoint_maxiter,
+                                                adjoint_rtol, adjoint_atol)])
+    history_size = None if pj._is_traced(maxiter) or not return_result else maxiter
+    bridge = _Bridge(host_A, host_M, solver, adjoint_solver, adjoint, on_failure, n, dtype,
+                     history_size, transport, adjoint_callback)
+    m_params = {} if host_M is None else host_M.params
+    m_constants = () if host_M is None else host_M.constants
+    args = (host_A.params, host_A.constants, m_params, m_constants, b, x0, controls)
+    if adjoint == "none":
+        args = jax.lax.stop_gradient(args)
+    x, iterations, status, history = bridge.function()(*args)
+    x = x.reshape(jnp.shape(b_in))
+    if not return_result:
+        return x
+    return x, pj.JaxSolveResult(x, status == driver.CONVERGED, iterations, history, status,
+                                solver.name or type(solver).__name__)
