@@ -112,6 +112,10 @@ class DenseOperator(LinearOperator):
         return params_bar["matrix"] if params_bar else None
 
 
+#: Values gathered at once when sparse cotangents are summed over a batch of pairs.
+_BATCH_ELEMENTS = 1 << 22
+
+
 class SparseOperator(LinearOperator):
     """A sparse matrix as an operator: scipy.sparse, cupyx.scipy.sparse or jax BCOO.
 
@@ -198,8 +202,17 @@ class SparseOperator(LinearOperator):
         return {"data": _like_parameter(bar, self.matrix.data)}
 
     def param_vjp_batch(self, X: Any, Y_bar: Any, part: str = "full") -> dict[str, Any]:
+        # data_bar[e] = sum_k Y_bar[k, row_e] X[k, col_e]: (Y_bar^T X) sampled on the pattern.
+        # Gathered in chunks of entries so the temporaries stay near _BATCH_ELEMENTS values
+        # instead of 2 k nnz.
         rows, cols = self._rows_cols()
-        values = (Y_bar[:, rows] * X[:, cols]).sum(axis=0)
+        xp = ops_for(X).xp
+        Y_t, X_t = Y_bar.T, X.T  # (n, k): the gathers below then read whole rows
+        chunk = max(1, _BATCH_ELEMENTS // max(1, X.shape[0]))
+        values = xp.concatenate([
+            (Y_t[rows[s:s + chunk]] * X_t[cols[s:s + chunk]]).sum(axis=1)
+            for s in range(0, rows.shape[0], chunk)
+        ]) if rows.shape[0] else xp.zeros(0, dtype=xp.result_type(X, Y_bar))
         return {"data": _like_parameter(_restrict_sparse(values, rows, cols, part),
                                         self.matrix.data)}
 
