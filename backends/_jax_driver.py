@@ -203,8 +203,9 @@ def unrolled_pullback(solver: IterativeSolver, ops: Any, rebuild: Rebuild, M: An
     """Pull ``x_bar`` back through the iterations of ``loop``: ``(params_bar, b_bar, x0_bar)``.
 
     The exact derivative of ``x_K = iterate(step^K(init(b, x0)))`` with ``K =
-    loop.accepted``. Each reverse step re-evaluates one forward step inside ``jax.vjp``, so
-    the sweep costs about two forward passes (three with checkpointing).
+    loop.accepted``. Each reverse step re-evaluates one forward step inside ``jax.vjp``
+    (recomputing is cheaper than keeping each step's products with ``A`` on the tape: the
+    tape lives outside the caches, the step's vectors inside them).
     """
     final = loop.state
 

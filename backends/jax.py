@@ -164,14 +164,18 @@ class _ClosureOperator(LinearOperator):
     """A matvec function after ``jax.closure_convert``: the arrays it closes over that may
     carry gradients become the operator's parameters ``closure0``, ``closure1``, ..."""
 
-    def __init__(self, fn: Callable, consts: tuple[Any, ...], n: int, dtype: Any) -> None:
+    def __init__(self, fn: Callable, consts: tuple[Any, ...], n: int, dtype: Any,
+                 hermitian: bool = False) -> None:
         super().__init__((n, n), dtype)
         self._fn, self._consts = fn, tuple(consts)
+        self.hermitian = hermitian
 
     def _matvec(self, x: Any) -> Any:
         return self._fn(x, *self._consts)
 
     def _rmatvec(self, y: Any) -> Any:
+        if self.hermitian:
+            return self._matvec(y)
         # A^H y = conj(A^T conj(y)); JAX transposes the (linear) matvec for us.
         complex_data = jnp.issubdtype(self.dtype, jnp.complexfloating)
         conj = jnp.conj if complex_data else (lambda v: v)
@@ -182,7 +186,7 @@ class _ClosureOperator(LinearOperator):
 
     def with_parameters(self, params: dict[str, Any]) -> LinearOperator:
         consts = tuple(params[f"closure{i}"] for i in range(len(self._consts)))
-        return _ClosureOperator(self._fn, consts, self.shape[0], self.dtype)
+        return _ClosureOperator(self._fn, consts, self.shape[0], self.dtype, self.hermitian)
 
 
 def _linear_transpose(matvec: Callable, like: Any) -> Callable:
@@ -216,18 +220,94 @@ def _transpose(A: LinearOperator, like: Any) -> LinearOperator:
     return A.T
 
 
-def _as_jax_operator(A: Any, b: Any, name: str) -> LinearOperator:
+class _StructuredAdjoint(LinearOperator):
+    """``rebuild(params)`` whose matvec JAX differentiates with the operator's own structure.
+
+    Plain autodiff of a stencil's matvec transposes every shifted slice into a padded copy;
+    the operator usually knows better: its ``rmatvec`` (the matvec itself when Hermitian)
+    for ``x_bar = A^T y_bar``, and its ``param_vjp`` for the parameters. The unrolled
+    reverse sweep applies the solver's steps to this wrapper, so each reverse step costs
+    one forward-speed product with ``A^T``.
+    """
+
+    def __init__(self, rebuild: Callable[[dict[str, Any]], LinearOperator],
+                 params: dict[str, Any]) -> None:
+        inner = rebuild(params)
+        super().__init__(inner.shape, inner.dtype)
+        self.inner, self.hermitian = inner, inner.hermitian
+        self._apply = _structured_matvec(rebuild)
+        self._params = params
+
+    def _matvec(self, x: Any) -> Any:
+        return self._apply(self._params, x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        return self.inner._rmatvec(y)
+
+    def diagonal(self) -> Any:
+        return self.inner.diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.inner.to_matrix()
+
+
+def _own_param_vjp(op: LinearOperator) -> bool:
+    """Whether ``op`` implements ``param_vjp`` itself (not the closure or base default)."""
+    method = type(op).param_vjp
+    return method is not LinearOperator.param_vjp and not isinstance(op, _ClosureOperator)
+
+
+def _like(cotangent: Any, param: Any) -> Any:
+    """A cotangent shaped and typed like its (possibly real) parameter."""
+    if cotangent is None:
+        return jnp.zeros_like(param)
+    cotangent = jnp.asarray(cotangent)
+    if not jnp.issubdtype(param.dtype, jnp.complexfloating):
+        cotangent = jnp.real(cotangent)
+    return cotangent.astype(param.dtype).reshape(param.shape)
+
+
+def _structured_matvec(rebuild: Callable) -> Callable:
+    """``apply(params, x) = A(params) x``, differentiated with A's own transpose and
+    parameter vjp."""
+
+    @jax.custom_vjp
+    def apply(params: dict[str, Any], x: Any) -> Any:
+        return rebuild(params).matvec(x)
+
+    def fwd(params: dict[str, Any], x: Any) -> tuple:
+        return apply(params, x), (params, x)
+
+    def bwd(residuals: tuple, y_bar: Any) -> tuple:
+        params, x = residuals
+        A = rebuild(params)
+        x_bar = _transpose(A, x).matvec(y_bar)
+        if not params:
+            return {}, x_bar
+        if _own_param_vjp(A):
+            params_bar = {k: _like(A.param_vjp(x, y_bar).get(k), v) for k, v in params.items()}
+        else:
+            _, pull = jax.vjp(lambda p: rebuild(p).matvec(x), params)
+            (params_bar,) = pull(y_bar)
+        return params_bar, x_bar
+
+    apply.defvjp(fwd, bwd)
+    return apply
+
+
+def _as_jax_operator(A: Any, b: Any, name: str, hermitian: bool = False) -> LinearOperator:
     """Turn what the user passed as ``A`` (or ``M``) into a LinearOperator of jax arrays."""
     if isinstance(A, LinearOperator):
         op = A
     elif isinstance(A, (jax.Array, np.ndarray)) or _is_bcoo(A):
-        op = aslinearoperator(jnp.asarray(A) if isinstance(A, np.ndarray) else A)
+        op = aslinearoperator(jnp.asarray(A) if isinstance(A, np.ndarray) else A,
+                              hermitian=hermitian)
     elif _is_scipy_sparse(A):
         from jax.experimental import sparse as jax_sparse
 
-        op = aslinearoperator(jax_sparse.BCOO.from_scipy_sparse(A))
+        op = aslinearoperator(jax_sparse.BCOO.from_scipy_sparse(A), hermitian=hermitian)
     elif callable(A):
-        op = _closure_operator(A, b, name)
+        op = _closure_operator(A, b, name, hermitian)
     else:
         raise TypeError(
             f"{name} must be a jax array, a jax BCOO matrix, a prdp_ops LinearOperator or a "
@@ -246,7 +326,7 @@ def _is_scipy_sparse(A: Any) -> bool:
     return (type(A).__module__ or "").startswith("scipy.sparse") and hasattr(A, "tocoo")
 
 
-def _closure_operator(fn: Callable, b: Any, name: str) -> LinearOperator:
+def _closure_operator(fn: Callable, b: Any, name: str, hermitian: bool) -> LinearOperator:
     try:
         out = jax.eval_shape(fn, b)
     except Exception as err:  # say which argument failed, then re-raise
@@ -258,7 +338,8 @@ def _closure_operator(fn: Callable, b: Any, name: str) -> LinearOperator:
         )
     example = b.astype(jnp.result_type(b.dtype, out.dtype))
     converted, consts = jax.closure_convert(fn, example)
-    return _ClosureOperator(converted, tuple(consts), b.shape[0], jnp.result_type(out.dtype))
+    return _ClosureOperator(converted, tuple(consts), b.shape[0], jnp.result_type(out.dtype),
+                            hermitian)
 
 
 def _rebuilder(op: LinearOperator) -> Callable[[dict[str, Any]], LinearOperator]:
@@ -457,8 +538,8 @@ def _differentiable(problem: _Problem) -> Callable:
 
     def unrolled_fwd(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
         A, M = problem.operators(params, m_params)
-        keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b,
-                                        problem.solver.init(OPS, A, b, x0, M))
+        state = problem.solver.init(OPS, A, b, x0, M)
+        keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
         tape = driver.Tape(max(problem.tape_capacity, 1), keys, problem.checkpoint_every)
         x, info, loop = _forward(problem, params, m_params, b, x0, controls, tape)
         return (x, info), (params, m_params, b, x0, controls, loop)
@@ -468,8 +549,9 @@ def _differentiable(problem: _Problem) -> Callable:
         tape = driver.Tape(max(problem.tape_capacity, 1), tuple(loop.tape),
                            problem.checkpoint_every)
         _, M = problem.operators(params, m_params)
+        structured = functools.partial(_StructuredAdjoint, problem.rebuild)
         params_bar, b_bar, x0_bar = driver.unrolled_pullback(
-            problem.solver, OPS, problem.rebuild, M, params, b, x0, loop, tape, cotangents[0])
+            problem.solver, OPS, structured, M, params, b, x0, loop, tape, cotangents[0])
         return (params_bar, _zeros(m_params), b_bar, x0_bar, _nones(controls))
 
     if problem.mode == "implicit":
@@ -536,6 +618,7 @@ def solve(
     checkpoint_every: int = 1,
     on_failure: str = "warn",
     adjoint_callback: Callable[[SolveResult], None] | None = None,
+    hermitian: bool = False,
     **solver_options: Any,
 ) -> Any:
     """Solve ``A x = b`` with a registered iterative solver, differentiably, in JAX.
@@ -601,6 +684,12 @@ def solve(
         :class:`~prdp_ops.SolveResult` (``x`` is ``lambda``, residual norms unscaled) on the
         host each time a gradient is computed, inside ``jit`` too (``jax.debug.callback``):
         how exact the implicit gradient is.
+    hermitian
+        Declare a matrix or matvec-function ``A`` Hermitian (symmetric if real); not
+        checked. The adjoint solve and the unrolled reverse sweep then apply ``A`` itself
+        instead of JAX's transpose of the matvec, which is cheaper for stencils (lineax's
+        ``symmetric_tag``). A ``po.LinearOperator`` carries its own ``hermitian`` flag and
+        ``rmatvec``, which are used the same way.
     **solver_options
         Options of the solver, e.g. ``restart=20`` for GMRES.
 
@@ -635,7 +724,7 @@ def solve(
         b = jnp.asarray(b)
     if getattr(b, "ndim", None) not in (1, 2):
         raise ValueError(f"b must have shape (n,) or (n, 1); got shape {b.shape}")
-    op = _as_jax_operator(A, b.reshape(-1), "A")
+    op = _as_jax_operator(A, b.reshape(-1), "A", hermitian)
     n = op.shape[0]
     dtype = _solve_dtype(op, b, solver)
     b = _vector(b, n, "b", dtype)
