@@ -1,0 +1,225 @@
+"""Smoke tests of the runnable examples in examples/, at tiny sizes, asserting outcomes.
+
+Each example is imported from its file (examples/ is not a package) and its ``main`` run with
+``--quiet`` and a temporary ``--out``; the last line it prints is the JSON result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+pytest.importorskip("optax")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+RESULT_KEYS = {"example", "baseline", "prdp", "iterations_saved_pct", "time_saved_pct",
+               "val_error_ratio"}
+RUN_KEYS = {"val_error", "solver_iterations", "wall_s"}
+#: Longer runs (tens of seconds each) only with PRDP_RUN_SLOW=1.
+slow = pytest.mark.skipif(os.environ.get("PRDP_RUN_SLOW") != "1",
+                          reason="slow example run; set PRDP_RUN_SLOW=1")
+
+
+def load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module."""
+    spec = importlib.util.spec_from_file_location(f"prdp_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> dict:
+    """Run an example's main and return the JSON of its last stdout line (checked)."""
+    png = tmp_path / f"{name}.png"
+    returned = load(name).main([*args, "--quiet", "--out", str(png)])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(last_line)
+    assert result == json.loads(json.dumps(returned))
+    assert set(result) == RESULT_KEYS
+    assert set(result["prdp"]) == RUN_KEYS | {"k_final"}
+    if result["baseline"] is not None:
+        assert set(result["baseline"]) == RUN_KEYS
+    assert png.is_file() and png.stat().st_size > 0
+    return result
+
+
+# ---------------------------------------------------------------------------- harness
+
+
+def test_converged_iterations_finds_the_threshold():
+    common = load("_common")
+    # A contraction with factor 0.5: residual 0.5**k; 1e-3 is first reached at k = 10.
+    assert common.converged_iterations(lambda k: 0.5**k, 1e-3, 100) == 10
+    assert common.converged_iterations(lambda k: 0.5**k, 0.6, 100) == 1
+    # Not reached within the cap: the cap.
+    assert common.converged_iterations(lambda k: 0.5**k, 1e-3, 7) == 7
+
+
+def test_summary_percentages_and_ratio():
+    common = load("_common")
+    baseline = common.RunResult("baseline", 0.2, 1000, 10.0, 50, [])
+    prdp = common.RunResult("prdp", 0.21, 150, 4.0, 7, [])
+    result = common.summary("demo", baseline, prdp)
+    assert result["iterations_saved_pct"] == pytest.approx(85.0)
+    assert result["time_saved_pct"] == pytest.approx(60.0)
+    assert result["val_error_ratio"] == pytest.approx(1.05)
+    assert result["prdp"]["k_final"] == 7
+    alone = common.summary("demo", None, prdp)
+    assert alone["baseline"] is None and alone["iterations_saved_pct"] is None
+
+
+def test_fixed_schedule_never_moves():
+    common = load("_common")
+    schedule = common.FixedSchedule(12)
+    assert [schedule.update(loss) for loss in (3.0, 2.0, 2.0, 2.0)] == ["hold"] * 4
+    assert (schedule.k, schedule.k_adjoint) == (12, 12)
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+@pytest.mark.parametrize("adjoint", ["implicit", "unrolled"])
+def test_poisson_inverse_recovers_theta(adjoint, tmp_path, capsys):
+    result = run("poisson_inverse", ["--adjoint", adjoint], tmp_path, capsys)
+    # val_error is |theta - 2| / 2: both runs recover theta within 1%.
+    assert result["prdp"]["val_error"] < 0.01
+    assert result["baseline"]["val_error"] < 0.01
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+    # The paper's 1D setting: baseline 600 forward + 600 backward iterations per step.
+    assert result["baseline"]["solver_iterations"] == 180 * 1200
+
+
+def test_poisson_inverse_2d_field_through_cg(tmp_path, capsys):
+    result = run("poisson_inverse", ["--variant", "2d"], tmp_path, capsys)
+    # 36 sine coefficients, recovered from zero (relative error 1 at the start).
+    assert result["baseline"]["val_error"] < 1e-2
+    assert result["prdp"]["val_error"] < 0.1
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+
+
+def test_heat_emulator_1d_learns_and_saves_iterations(tmp_path, capsys):
+    result = run("heat_emulator", ["--dim", "1"], tmp_path, capsys)
+    # Validation metric: two-step nMSE of the network alone; predicting zero scores 1, the
+    # untrained network about 5.
+    assert result["baseline"]["val_error"] < 1.0
+    assert result["prdp"]["val_error"] < 1.0
+    assert result["iterations_saved_pct"] > 50
+    assert result["prdp"]["k_final"] <= 29
+
+
+def test_heat_emulator_linear_network_reaches_the_step(tmp_path, capsys):
+    # A linear network can represent the BTCS step exactly: with converged physics it must
+    # get close (a two-step nMSE far below the ReLU network's).
+    result = run("heat_emulator", ["--dim", "1", "--activation", "linear", "--lr", "1e-2",
+                                   "--epochs", "40"], tmp_path, capsys)
+    assert result["baseline"]["val_error"] < 1e-3
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+
+
+def test_heat_emulator_3d_runs_prdp_only(tmp_path, capsys):
+    result = run("heat_emulator", ["--dim", "3", "--epochs", "6", "--no-compare"], tmp_path,
+                 capsys)
+    assert result["baseline"] is None and result["iterations_saved_pct"] is None
+    assert math.isfinite(result["prdp"]["val_error"])
+    assert result["prdp"]["k_final"] >= 1
+
+
+def test_heat_btcs_step_matches_a_dense_solve():
+    heat = load("heat_emulator")
+    rng = np.random.default_rng(0)
+    n, r = 7, 0.9
+    u = rng.normal(size=(2, n, n))
+    laplacian = np.zeros((n, n))
+    for i in range(n):
+        laplacian[i, i] = 2
+        laplacian[i, (i + 1) % n] -= 1
+        laplacian[i, (i - 1) % n] -= 1
+    eye = np.eye(n)
+    matrix = np.eye(n * n) + r * (np.kron(laplacian, eye) + np.kron(eye, laplacian))
+    expected = np.linalg.solve(matrix, u.reshape(2, -1).T).T.reshape(2, n, n)
+    np.testing.assert_allclose(heat.btcs_step_exact(u, r), expected, atol=1e-12)
+
+
+def test_custom_solver_is_registered_and_exact(tmp_path, capsys):
+    import prdp_ops as po
+
+    custom = load("custom_solver")
+    assert "redblack_gauss_seidel" in po.available_solvers()
+    # Independent references: one iteration is a Gauss-Seidel sweep over the red nodes then
+    # the black ones; many iterations reach the dense direct solution.
+    n = 9
+    matrix = 2 * np.eye(n) - np.eye(n, k=1) - np.eye(n, k=-1)
+    b = np.random.default_rng(1).normal(size=n)
+    swept = np.zeros(n)
+    for start in (0, 1):
+        for i in range(start, n, 2):
+            swept[i] = (b[i] - matrix[i] @ swept + matrix[i, i] * swept[i]) / matrix[i, i]
+    one = po.solve(matrix, b, solver="redblack_gauss_seidel", grid_shape=(n,), maxiter=1,
+                   rtol=0.0)
+    np.testing.assert_allclose(one.x, swept, rtol=1e-12)
+    many = po.solve(matrix, b, solver="redblack_gauss_seidel", grid_shape=(n,), maxiter=2000,
+                    rtol=1e-12)
+    assert many.converged
+    np.testing.assert_allclose(many.x, np.linalg.solve(matrix, b), rtol=1e-9)
+    with pytest.raises(ValueError, match="grid_shape"):
+        custom.RedBlackGaussSeidel(grid_shape=(0,))
+
+    result = run("custom_solver", [], tmp_path, capsys)
+    assert result["prdp"]["val_error"] < 0.01
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+
+
+def test_navier_stokes_corrector_improves_on_the_solver(tmp_path, capsys):
+    ns = load("navier_stokes_correction")
+    result = run("navier_stokes_correction", ["--epochs", "12"], tmp_path, capsys)
+    # Independent reference: the same validation metric for the coarse solver alone (no
+    # correction), rolled out with converged solves.
+    import jax
+
+    sizes = ns.SIZES["tiny"]
+    data = ns.make_data(0, sizes["n"], sizes["train"] + sizes["val"], sizes["steps"])
+    val = data[sizes["train"]:]
+    grid = ns.Grid(sizes["n"])
+    converged = {"rtol": 1e-10, "atol": 0.0, "adjoint": "none"}
+    step = jax.jit(jax.vmap(lambda u: ns.ns_step(grid, u, 500, 500, {"advection": converged,
+                                                                      "pressure": converged})))
+    u, errors = val[:, 0], []
+    for t in range(1, val.shape[1]):
+        u = np.asarray(step(u))
+        errors.append(np.sum((u[:, 0] - val[:, t, 0]) ** 2, axis=(1, 2))
+                      / np.sum(val[:, t, 0] ** 2, axis=(1, 2)))
+    solver_alone = float(np.mean(errors))
+    # The corrector improves on the solver alone by at least a fifth, in either run.
+    assert result["baseline"]["val_error"] < 0.8 * solver_alone
+    assert result["prdp"]["val_error"] < 0.8 * solver_alone
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+
+
+@pytest.mark.parametrize(("modality", "setup"), [("one-step", "correction"),
+                                                 ("unrolled-no-grad", "correction"),
+                                                 ("unrolled", "prediction")])
+def test_navier_stokes_modalities_run(modality, setup, tmp_path, capsys):
+    result = run("navier_stokes_correction", ["--modality", modality, "--setup", setup,
+                                              "--epochs", "2", "--no-compare"], tmp_path,
+                 capsys)
+    assert math.isfinite(result["prdp"]["val_error"])
+    if setup == "prediction":
+        assert result["prdp"]["solver_iterations"] == 0  # the network alone: no solves
+
+
+@pytest.mark.slow
+@slow
+def test_heat_emulator_2d(tmp_path, capsys):
+    result = run("heat_emulator", ["--dim", "2"], tmp_path, capsys)
+    assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
+    assert math.isfinite(result["prdp"]["val_error"])
