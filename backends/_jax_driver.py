@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from prdp_ops._operators.base import LinearOperator
 from prdp_ops._solution import Status
 from prdp_ops._solver.base import IterativeSolver, State
 
@@ -63,6 +64,43 @@ class LoopOutput(NamedTuple):
     status: Any  # index into STATUSES
     history: Any  # residual norms: capacity + 1 entries (NaN past the end) or [first, last]
     tape: Any  # dict of stacked states, or None
+
+
+class Materialized(LinearOperator):
+    """``A`` whose products are computed inside a ``lax.cond`` branch (XLA:CPU only).
+
+    XLA:CPU fuses a stencil's matvec into every consumer of its result and recomputes it
+    there (CG's ``<p, A p>`` and ``r - alpha A p`` each re-evaluate the stencil, and the
+    loop-carried ``p`` gets copied): about 1.6x the work of the step. A conditional branch
+    is a fusion boundary, so the product is computed once. The predicate (``token >= 0``
+    for an iteration counter) is always true but unknown to the compiler. On GPUs a
+    conditional costs a device-to-host read of its predicate, so there the operator is
+    used as is (see :func:`materialized`).
+    """
+
+    def __init__(self, A: LinearOperator, token: Any) -> None:
+        super().__init__(A.shape, A.dtype)
+        self.A, self.hermitian, self._token = A, A.hermitian, token
+
+    def _matvec(self, x: Any) -> Any:
+        return lax.cond(self._token >= 0, self.A._matvec, jnp.zeros_like, x)
+
+    def _rmatvec(self, y: Any) -> Any:
+        return lax.cond(self._token >= 0, self.A._rmatvec, jnp.zeros_like, y)
+
+    def diagonal(self) -> Any:
+        return self.A.diagonal()
+
+    def to_matrix(self) -> Any:
+        return self.A.to_matrix()
+
+
+def materialized(A: Any, token: Any) -> Any:
+    """``A`` with its products kept out of consumers' fusions on CPU (see
+    :class:`Materialized`); ``A`` itself elsewhere."""
+    if A is None or jax.default_backend() != "cpu":
+        return A
+    return Materialized(A, token)
 
 
 def _is_inexact(value: Any) -> bool:
@@ -122,7 +160,8 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         state, iterations, accepted, _, _, history, buffers = carry
         if buffers is not None:
             buffers = _push(buffers, state, accepted, tape)
-        new_state = solver.step(ops, A, b, state, M)
+        new_state = solver.step(ops, materialized(A, iterations), b, state,
+                                materialized(M, iterations))
         rnorm = solver.residual_norm(ops, new_state)
         failure = jnp.where(~jnp.isfinite(rnorm), NONFINITE,
                             jnp.where(solver.breakdown(ops, new_state), BREAKDOWN,
@@ -222,6 +261,8 @@ def unrolled_pullback(solver: IterativeSolver, ops: Any, rebuild: Rebuild, M: An
         diff, fixed = _differentiable(state)
 
         def step(d: State, p: dict[str, Any], b: Any) -> State:
+            # No Materialized wrapper here: differentiating through lax.cond costs more
+            # than the fusion it saves.
             new = solver.step(ops, rebuild(p), b, {**d, **fixed}, M)
             return {key: new[key] for key in d}
 
@@ -275,7 +316,7 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
         def forward(j: Any, acc: tuple) -> tuple:
             state, local = acc
             local = {k: local[k].at[j].set(state[k]) for k in local}
-            return solver.step(ops, A, b, state, M), local
+            return solver.step(ops, materialized(A, j), b, state, materialized(M, j)), local
 
         _, local = lax.fori_loop(0, length, forward, (first, local))
 

@@ -69,7 +69,8 @@ def contenders(N: int, K: int) -> dict[str, Callable]:
     import lineax as lx
 
     def ours(c: Any, b: Any, **kw: Any) -> Any:
-        return pj.solve(poisson_matvec(N, c), b, maxiter=K, rtol=0.0, **kw)
+        # hermitian=True: the operator is symmetric, as lineax is told by its tags.
+        return pj.solve(poisson_matvec(N, c), b, maxiter=K, rtol=0.0, hermitian=True, **kw)
 
     def lineax_cg(c: Any, b: Any) -> Any:
         op = lx.FunctionLinearOperator(poisson_matvec(N, c), jax.eval_shape(lambda: b),
