@@ -652,11 +652,15 @@ def solve(
         A's cotangent is the vjp of ``p -> A(p) x`` at ``-lambda`` (``-lambda x^T`` for a
         matrix). Exact at convergence; memory ``O(n)``; twice differentiable.
         ``"unrolled"``: the exact derivative of the iterations that ran, derived by JAX from
-        the solver's ``step``. Memory: one state per iteration of the entries ``step`` reads
-        (CG: ``x, r, p`` and scalars, about ``3 n`` numbers per iteration, for a static
-        capacity of ``maxiter`` iterations -- ``max_steps`` when ``maxiter`` is traced); with
-        ``checkpoint_every=c``, ``maxiter / c + c`` states and one more forward pass.
-        The backward pass costs about two forward passes.
+        the solver's ``step`` (a ``jax.vjp`` of one step at a time, not autodiff of the
+        loop). Memory: one state per iteration, of the entries ``step`` reads (CG: ``r, p, x``
+        and two scalars; XLA drops ``x``, which the reverse sweep does not need, so ``2 n``
+        numbers per iteration), for a static capacity of ``maxiter`` iterations
+        (``max_steps`` when ``maxiter`` is traced), allocated whether or not the solve stops
+        early; with ``checkpoint_every=c``, ``maxiter / c + c`` states and one more forward
+        pass. Each reverse step re-evaluates its forward step, so the backward pass costs
+        several forward passes (see ``benchmarks/jax_vs_peers.py``), and less memory and
+        time than reverse-mode autodiff of a ``lax.scan`` of the same iterations.
         ``"none"``: no gradient (``stop_gradient``).
     adjoint_maxiter, adjoint_rtol, adjoint_atol, adjoint_solver
         The adjoint solve's own settings (default: the forward's).
@@ -697,6 +701,12 @@ def solve(
     -------
     x, or (x, JaxSolveResult)
         The solution; with ``return_result=True`` also the convergence information.
+
+    Notes
+    -----
+    Call it inside ``jax.jit``: outside, every call traces and compiles its loop anew.
+    Differentiation is reverse mode (``jax.grad``, ``jax.vjp``); ``jax.jvp`` is not
+    defined for a ``custom_vjp``. The convergence information does not carry gradients.
 
     Raises
     ------
