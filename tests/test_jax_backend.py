@@ -575,3 +575,37 @@ def test_unrolled_stencil_gradient_matches_numpy_reverse_sweep() -> None:
     # the NumPy side's hand-derived reverse steps (an independent derivation)
     _, vjp = po.solve_vjp(po.DiffusionStencil(c), b, maxiter=6, rtol=0.0, adjoint="unrolled")
     np.testing.assert_allclose(got, vjp(w).A["c"], rtol=1e-9, atol=1e-12)
+
+
+def test_adjoint_failure_follows_the_failure_policy(caplog: object) -> None:
+    if _usable(SOLVER_CASES[2]) is not None:
+        pytest.skip("gmres is not implemented yet")
+    A, b = _indefinite()  # GMRES solves it; CG breaks down on it
+
+    def grad(policy: str) -> jax.Array:
+        return jax.grad(lambda b: jnp.sum(pj.solve(
+            A, b, "gmres", rtol=1e-10, maxiter=50, adjoint_solver="cg",
+            on_failure=policy)))(b)
+
+    with caplog.at_level(logging.WARNING, logger="prdp_ops"):
+        g = grad("warn")
+    assert "adjoint" in caplog.text and "broke down" in caplog.text
+    assert bool(jnp.all(jnp.isfinite(g)))
+    with pytest.raises(po.SolverError, match="broke down"):
+        grad("raise")
+
+
+def test_unrolled_complex_matches_autodiff_of_the_same_steps() -> None:
+    case = SOLVER_CASES[0]  # cg, Hermitian positive definite
+    A = jnp.asarray(spd(N, dtype=np.complex128))
+    b = jnp.asarray(random_vector(N, dtype=np.complex128))
+    w = jnp.asarray(random_vector(N, seed=7, dtype=np.complex128))
+
+    def ours(b: jax.Array) -> jax.Array:
+        return jnp.abs(jnp.vdot(w, pj.solve(A, b, maxiter=3, rtol=0.0, adjoint="unrolled")))
+
+    def reference(b: jax.Array) -> jax.Array:
+        return jnp.abs(jnp.vdot(w, _autodiff_of_steps(case, A, b, 3)))
+
+    np.testing.assert_allclose(jax.grad(ours)(b), jax.grad(reference)(b), rtol=1e-9,
+                               atol=1e-12)
