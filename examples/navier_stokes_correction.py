@@ -238,7 +238,7 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
 
     size_key = "full" if args.full else "tiny"
     sizes = SIZES[size_key]
-    n = sizes["n"]
+    n = _common.positive_int("--grid", args.grid, sizes["n"])
     grid = Grid(n)
     epochs = _common.positive_int("--epochs", args.epochs, sizes["epochs"])
     data = make_data(args.seed, n, sizes["train"] + sizes["val"], sizes["steps"])
@@ -369,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setup", choices=("correction", "prediction"), default="correction")
     parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit",
                         help="how the fully differentiable modality differentiates the solves")
+    parser.add_argument("--grid", type=int, default=None,
+                        help="coarse grid size n (default 16, 48 with --full); the reference "
+                             "runs at 2n")
     return parser.parse_args(argv)
 
 
