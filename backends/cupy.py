@@ -54,6 +54,7 @@ __all__ = [
     "device_solve_vjp",
     "device_vjp",
     "gpu_unavailable_reason",
+    "jax_callback",
     "jax_to_cupy",
     "to_cupy_operator",
     "write_buffer",
@@ -355,6 +356,29 @@ def write_buffer(out: Any, value: Any) -> None:
     """Copy a CuPy array into a ``buffer_callback`` output buffer (device to device)."""
     target = cupy.asarray(out)
     target[...] = value.reshape(target.shape)
+
+
+def jax_callback(fn: Callable[..., Any], result_shape_dtypes: Any, *args: Any,
+                 vmap_method: str | None = None) -> Any:
+    """Call ``fn`` on CuPy views of JAX device arrays from traced JAX code.
+
+    The contract of ``jax.pure_callback`` (``fn`` is pure, its outputs match
+    ``result_shape_dtypes``), except that ``fn`` receives and returns CuPy arrays sharing
+    memory with XLA's buffers: built on ``jax.experimental.buffer_callback``, whose buffers
+    are exchanged by DLPack and written in place on XLA's stream, so no data passes through
+    the host. The JAX bridge's ``backend="cupy"`` uses it.
+    """
+    import jax
+    from jax.experimental.buffer_callback import buffer_callback
+
+    def run_on_device(ctx: Any, out: Any, *buffers: Any) -> None:
+        with xla_stream(ctx):
+            results = fn(*jax.tree.map(jax_to_cupy, buffers))
+            jax.tree.map(lambda target, value: write_buffer(target, cupy.asarray(value)),
+                         out, results)
+
+    return buffer_callback(run_on_device, result_shape_dtypes,
+                           vmap_method=vmap_method)(*args)
 
 
 class _SparseFromBCOO:
