@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from prdp_ops.backends import _jax_driver as driver
+from prdp_ops.backends.numpy import report_failure
 
 from prdp_ops._array_ops import ArrayOps
 from prdp_ops._operators.base import LinearOperator
 from prdp_ops._operators.convert import aslinearoperator
-from prdp_ops._solution import SolverError, SolveResult
+from prdp_ops._solution import SolveResult
 from prdp_ops._solver.base import IterativeSolver
 from prdp_ops._solver.registry import resolve_solver
 
@@ -435,12 +436,7 @@ def _report(result: JaxSolveResult, on_failure: str, what: str,
         res = res.to_solve_result()
         if callback is not None:
             callback(res)
-        if not res.status.is_failure or on_failure == "ignore":
-            return
-        message = f"{what}: {res.message} (after {res.iterations} iterations)"
-        if on_failure == "raise":
-            raise SolverError(message, res)
-        logger.warning(message)
+        report_failure(res, on_failure, what)
 
     if not any(_is_traced(leaf) for leaf in jax.tree_util.tree_leaves(result)):
         host(result)

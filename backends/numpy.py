@@ -15,10 +15,10 @@ import numpy as np
 
 from prdp_ops._array_ops import ArrayOps
 from prdp_ops._operators.base import LinearOperator, add_cotangents
-from prdp_ops._solution import SolveResult, SolverError, Status
+from prdp_ops._solution import SolverError, SolveResult, Status
 from prdp_ops._solver.base import IterativeSolver, State
 
-__all__ = ["Run", "ReverseContext", "run_solver", "unrolled_vjp"]
+__all__ = ["ReverseContext", "Run", "run_solver", "unrolled_vjp"]
 
 logger = logging.getLogger("prdp_ops")
 
@@ -135,11 +135,13 @@ def _read_back(solver: IterativeSolver, ops: ArrayOps, state: State,
     return float(both[0]), bool(both[1])
 
 
-def report_failure(result: SolveResult, on_failure: str) -> None:
-    """Apply the failure policy to a finished solve (never silent)."""
+def report_failure(result: SolveResult, on_failure: str, what: str = "") -> None:
+    """Apply the failure policy to a finished solve (never silent); ``what`` prefixes the
+    message (e.g. "adjoint solve")."""
     if not result.status.is_failure or on_failure == "ignore":
         return
     message = f"{result.message} (after {result.iterations} iterations)"
+    message = f"{what}: {message}" if what else message
     if on_failure == "raise":
         raise SolverError(message, result)
     logger.warning(message)
