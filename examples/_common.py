@@ -40,9 +40,12 @@ __all__ = [
     "compare",
     "converged_iterations",
     "enable_x64",
+    "finish",
     "plot_runs",
+    "positive_int",
     "print_result_line",
     "summary",
+    "train",
 ]
 
 
@@ -225,8 +228,9 @@ def compare(trainer: Trainer, controller: Any, baseline_k: int,
 # ---------------------------------------------------------------------------- reporting
 
 
-def _percent_saved(baseline: float, prdp: float) -> float:
-    return 100.0 * (1.0 - prdp / baseline) if baseline > 0 else float("nan")
+def _percent_saved(baseline: float, prdp: float) -> float | None:
+    """``100 (1 - prdp / baseline)``, rounded; ``None`` (JSON null) when the baseline is 0."""
+    return round(100.0 * (1.0 - prdp / baseline), 2) if baseline > 0 else None
 
 
 def summary(example: str, baseline: RunResult | None, prdp: RunResult) -> dict[str, Any]:
@@ -236,17 +240,18 @@ def summary(example: str, baseline: RunResult | None, prdp: RunResult) -> dict[s
     if baseline is None:
         return {"example": example, "baseline": None, "prdp": prdp_part,
                 "iterations_saved_pct": None, "time_saved_pct": None, "val_error_ratio": None}
-    ratio = prdp.val_error / baseline.val_error if baseline.val_error > 0 else float("nan")
+    ratio = (round(prdp.val_error / baseline.val_error, 4) if baseline.val_error > 0
+             else None)
     return {
         "example": example,
         "baseline": {"val_error": baseline.val_error,
                      "solver_iterations": baseline.solver_iterations,
                      "wall_s": round(baseline.wall_s, 4)},
         "prdp": prdp_part,
-        "iterations_saved_pct": round(_percent_saved(baseline.solver_iterations,
-                                                     prdp.solver_iterations), 2),
-        "time_saved_pct": round(_percent_saved(baseline.wall_s, prdp.wall_s), 2),
-        "val_error_ratio": round(ratio, 4),
+        "iterations_saved_pct": _percent_saved(baseline.solver_iterations,
+                                               prdp.solver_iterations),
+        "time_saved_pct": _percent_saved(baseline.wall_s, prdp.wall_s),
+        "val_error_ratio": ratio,
     }
 
 

@@ -76,6 +76,11 @@ def test_summary_percentages_and_ratio():
     assert result["prdp"]["k_final"] == 7
     alone = common.summary("demo", None, prdp)
     assert alone["baseline"] is None and alone["iterations_saved_pct"] is None
+    # No solves at all (the network-alone setup): null, not NaN, so the line stays JSON.
+    no_solves = common.summary("demo", common.RunResult("baseline", 0.2, 0, 1.0, 5, []),
+                               common.RunResult("prdp", 0.2, 0, 1.0, 1, []))
+    assert no_solves["iterations_saved_pct"] is None
+    json.loads(json.dumps(no_solves, allow_nan=False))
 
 
 def test_fixed_schedule_never_moves():
