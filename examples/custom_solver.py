@@ -50,7 +50,6 @@ import _common
 import poisson_inverse
 
 import prdp_ops as po
-from prdp_ops._array_ops import ArrayOps
 
 EXAMPLE = "custom_solver"
 
@@ -77,14 +76,14 @@ class RedBlackGaussSeidel(po.IterativeSolver):
             )
         super().__init__(grid_shape=grid_shape)
 
-    def _red(self, ops: ArrayOps) -> Any:
+    def _red(self, ops: Any) -> Any:
         """The red mask (grid index sum even), flattened."""
         xp = ops.xp
         indices = xp.meshgrid(*[xp.arange(n) for n in self.options["grid_shape"]],
                               indexing="ij")
         return (sum(indices) % 2 == 0).reshape(-1)
 
-    def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> dict[str, Any]:
+    def init(self, ops: Any, A: Any, b: Any, x0: Any, M: Any) -> dict[str, Any]:
         nodes = int(np.prod(self.options["grid_shape"]))
         if A.shape[0] != nodes:
             raise ValueError(
@@ -94,7 +93,7 @@ class RedBlackGaussSeidel(po.IterativeSolver):
         r = b - A.matvec(x0)
         return {"x": x0, "r": r, "rnorm": ops.norm(r)}
 
-    def step(self, ops: ArrayOps, A: Any, b: Any, state: dict[str, Any],
+    def step(self, ops: Any, A: Any, b: Any, state: dict[str, Any],
              M: Any) -> dict[str, Any]:
         red, d = self._red(ops), A.diagonal()
         # Red half-sweep with the residual of the current iterate, then the black one with the
