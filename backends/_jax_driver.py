@@ -225,10 +225,21 @@ def keys_read(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
 
 
 # -- the unrolled reverse sweep -----------------------------------------------------------------
+#: State entries that only report on the solve (``IterativeSolver`` contract). They feed
+#: stopping decisions, never the iterate, so they are not differentiated: the reverse pass
+#: through ``rnorm = ||r||`` would multiply a zero cotangent by ``1 / ||r||``, which is
+#: ``0 * inf = NaN`` once the residual is exactly zero (e.g. for ``b = 0``).
+_DIAGNOSTIC_KEYS = frozenset({"rnorm", "breakdown"})
+
+
 def _differentiable(state: State) -> tuple[State, State]:
-    """Split a state into its floating-point entries and the rest (flags, counters)."""
-    diff = {k: v for k, v in state.items() if _is_inexact(v)}
-    fixed = {k: v for k, v in state.items() if not _is_inexact(v)}
+    """Split a state into the floating-point entries the iterate depends on and the rest
+    (flags, counters, the reported residual norm)."""
+    def differentiable(key: str, value: Any) -> bool:
+        return _is_inexact(value) and key not in _DIAGNOSTIC_KEYS
+
+    diff = {k: v for k, v in state.items() if differentiable(k, v)}
+    fixed = {k: v for k, v in state.items() if not differentiable(k, v)}
     return diff, fixed
 
 

@@ -112,9 +112,6 @@ def test_poisson_inverse_2d_field_through_cg(tmp_path, capsys):
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
 
 
-@pytest.mark.xfail(strict=True, reason="prdp_ops.backends.jax: adjoint='unrolled' returns a NaN "
-                   "gradient when b = 0 (here: the zero initial source) for cg, jacobi, "
-                   "bicgstab and steepest_descent")
 def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
     result = run("poisson_inverse", ["--variant", "2d", "--adjoint", "unrolled", "--epochs",
                                      "5", "--no-compare"], tmp_path, capsys)
