@@ -47,6 +47,10 @@ class ArrayOps:
         """Return ``sum(a * b)`` without conjugation (the bilinear product)."""
         return self.xp.sum(a * b)
 
+    def conj(self, a: Any) -> Any:
+        """Complex conjugate; ``a`` itself for real data (``xp.conj`` would copy it)."""
+        return self.xp.conj(a) if self.xp.iscomplexobj(a) else a
+
     def norm(self, a: Any) -> Any:
         """Return the Euclidean norm of ``a`` as a real 0-d array."""
         return self.xp.sqrt(self.xp.real(self.vdot(a, a)))
@@ -121,6 +125,12 @@ class NumpyOps(ArrayOps):
 
     def __init__(self) -> None:
         super().__init__(np)
+
+    def dot(self, a: Any, b: Any) -> Any:
+        # One BLAS call for vectors instead of a product array and a sum.
+        if a.ndim == 1 and b.ndim == 1:
+            return np.dot(a, b)
+        return super().dot(a, b)
 
     def safe_divide(self, num: Any, den: Any) -> Any:
         # Scalars (step lengths) are the common case: a plain branch is much cheaper than

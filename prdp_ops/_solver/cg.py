@@ -75,7 +75,7 @@ class CG(IterativeSolver):
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
-        xp = ops.xp
+        conj = ops.conj
         r, p, rho, q = record
         # Recompute the step's scalars and vectors from the recorded state.
         pq = ops.vdot(p, q)
@@ -85,37 +85,29 @@ class CG(IterativeSolver):
         rho_new = ops.vdot(r_new, z_new)
         beta = ops.safe_divide(rho_new, rho)
 
-        x_bar_new = cotangent(state_bar, "x", r)
+        x_bar = cotangent(state_bar, "x", r)  # x' = x + alpha p: x_bar passes through
         r_bar_new = cotangent(state_bar, "r", r)
         p_bar_new = cotangent(state_bar, "p", r)
         rho_bar_new = cotangent(state_bar, "rho", rho)
 
-        # p' = z' + beta p
-        z_bar = p_bar_new
+        # p' = z' + beta p ;  beta = rho' / rho
         beta_bar = ops.dot(p_bar_new, p)
-        p_bar = beta * p_bar_new
-        # beta = rho' / rho
         rho_bar_new = rho_bar_new + ops.safe_divide(beta_bar, rho)
         rho_bar = -beta_bar * ops.safe_divide(beta, rho)
-        # rho' = <r', z'>
-        r_bar_new = r_bar_new + xp.conj(z_new * rho_bar_new)
-        z_bar = z_bar + xp.conj(r_new) * rho_bar_new
-        # z' = M r'
-        r_bar_new = r_bar_new + (z_bar if M is None else ctx.precond_T(z_bar))
-        # r' = r - alpha q ;  x' = x + alpha p
-        r_bar = r_bar_new
-        alpha_bar = ops.dot(x_bar_new, p) - ops.dot(r_bar_new, q)
-        q_bar = -alpha * r_bar_new
-        p_bar = p_bar + alpha * x_bar_new
-        # alpha = rho / pq
+        # rho' = <r', z'> ;  z' = M r'  (z_bar = p_bar' + conj(r') rho_bar')
+        z_bar = p_bar_new + conj(r_new) * rho_bar_new
+        r_bar = r_bar_new + conj(z_new * rho_bar_new) + (
+            z_bar if M is None else ctx.precond_T(z_bar))
+        # r' = r - alpha q ;  x' = x + alpha p  (r_bar above is both r_bar' and r's share)
+        alpha_bar = ops.dot(x_bar, p) - ops.dot(r_bar, q)
+        # alpha = rho / pq ;  pq = <p, q>
         rho_bar = rho_bar + ops.safe_divide(alpha_bar, pq)
         pq_bar = -alpha_bar * ops.safe_divide(alpha, pq)
-        # pq = <p, q>
-        q_bar = q_bar + xp.conj(p) * pq_bar
-        p_bar = p_bar + xp.conj(q * pq_bar)
+        q_bar = conj(p) * pq_bar - alpha * r_bar
+        p_bar = beta * p_bar_new + alpha * x_bar + conj(q * pq_bar)
         # q = A p
         p_bar = p_bar + ctx.matvec_T(p, q_bar)
-        return {"x": x_bar_new, "r": r_bar, "p": p_bar, "rho": rho_bar}
+        return {"x": x_bar, "r": r_bar, "p": p_bar, "rho": rho_bar}
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
                  ctx: Any) -> Any:
