@@ -124,7 +124,7 @@ def _cupy_usable() -> bool:
         import cupy
 
         return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # noqa: BLE001 - any CUDA failure means: no GPU here
+    except Exception:  # any CUDA failure means: no GPU here
         return False
 
 

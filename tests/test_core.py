@@ -202,7 +202,7 @@ def test_registry_names_duplicates_and_unknown():
         po.register_solver(po.GMRES, "cg")
     with pytest.raises(KeyError, match="registered solvers"):
         po.get_solver("no-such-solver")
-    with pytest.raises(TypeError, match="subclass of prdp_ops.IterativeSolver"):
+    with pytest.raises(TypeError, match=r"subclass of prdp_ops\.IterativeSolver"):
         po.register_solver(object, "obj")
     assert isinstance(po.get_solver("cg"), po.CG)
 
