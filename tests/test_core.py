@@ -12,7 +12,6 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spl
 from helpers import (
     ADJOINT_MODES,
-    SOLVER_CASES,
     convection_diffusion_2d,
     poisson_2d,
     random_vector,
@@ -21,20 +20,6 @@ from helpers import (
 )
 
 import prdp_ops as po
-
-
-def _implemented(case) -> bool:
-    A = case.matrix_for(6)
-    try:
-        po.solve(A, np.ones(6), solver=case.name, maxiter=1, **case.options)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def _skip_unimplemented(case) -> None:
-    if not _implemented(case):
-        pytest.skip(f"solver {case.name!r} is not implemented yet")
 
 
 # -- SciPy parity -----------------------------------------------------------------------------
@@ -290,7 +275,6 @@ def test_solver_instances_hash_by_options():
 def test_every_solver_every_mode_matches_dense_reference(case, mode):
     """Implicit at convergence and unrolled after many steps both equal the derivative of
     the dense direct solve; "none" gives zeros."""
-    _skip_unimplemented(case)
     n = 8
     A = case.matrix_for(n)
     b = random_vector(n)
@@ -367,8 +351,7 @@ def test_adjoint_warm_start_cuts_iterations():
 def test_sparse_cotangent_keeps_the_pattern():
     A = convection_diffusion_2d(5)
     b = random_vector(25)
-    res, vjp = po.solve_vjp(A, b, "bicgstab", rtol=1e-13) if _implemented(
-        SOLVER_CASES[1]) else po.solve_vjp(A, b, "gmres", rtol=1e-13, restart=25)
+    res, vjp = po.solve_vjp(A, b, "bicgstab", rtol=1e-13)
     cot = vjp(random_vector(25, seed=4))
     assert sp.issparse(cot.A) and cot.A.nnz == A.nnz
     dense = -np.outer(cot.b, res.x)
