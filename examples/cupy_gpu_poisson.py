@@ -28,21 +28,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-def gpu_backend_or_exit(script: str) -> Any:
-    """``prdp_ops.backends.cupy``, or a one-line explanation and exit status 0."""
-    try:
-        from prdp_ops.backends import cupy as gpu
-    except ImportError as err:
-        print(f"{script}: skipped, it needs CuPy and a CUDA GPU: {err}")
-        sys.exit(0)
-    reason = gpu.gpu_unavailable_reason()
-    if reason is not None:
-        print(f"{script}: skipped, it needs a CUDA GPU: {reason}")
-        sys.exit(0)
-    return gpu
+from _gpu import gpu_backend_or_exit
 
 
 def timed_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
