@@ -7,10 +7,29 @@ from typing import Any, ClassVar
 
 from prdp_ops._array_ops import ArrayOps
 
-__all__ = ["IterativeSolver", "State", "cotangent"]
+__all__ = ["IterativeSolver", "State", "cotangent", "precondition", "precondition_T",
+           "residual_init_vjp"]
 
 #: A solver's loop state: a flat dict of arrays (a JAX pytree with a fixed structure).
 State = dict[str, Any]
+
+
+def precondition(M: Any, r: Any) -> Any:
+    """``M r``, or ``r`` without a preconditioner."""
+    return r if M is None else M.matvec(r)
+
+
+def precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
+    """Reverse of :func:`precondition`: ``M^T z_bar`` (``M`` is a constant), or ``z_bar``."""
+    return z_bar if M is None else ctx.precond_T(z_bar)
+
+
+def residual_init_vjp(state_bar: State, x0: Any, ctx: Any) -> Any:
+    """Reverse of an ``init`` that sets ``x = x0`` and ``r = b - A x0``: returns ``x0_bar``
+    and gives ``b`` and ``A`` their shares through ``ctx``."""
+    r_bar = cotangent(state_bar, "r", x0)
+    ctx.add_b(r_bar)
+    return cotangent(state_bar, "x", x0) + ctx.matvec_T(x0, -r_bar)
 
 
 def cotangent(state_bar: State, key: str, like: Any) -> Any:

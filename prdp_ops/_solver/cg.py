@@ -17,13 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import IterativeSolver, State, cotangent
+from prdp_ops._solver.base import IterativeSolver, State, cotangent, precondition, precondition_T
 
 __all__ = ["CG"]
-
-
-def _precondition(M: Any, r: Any) -> Any:
-    return r if M is None else M.matvec(r)
 
 
 class CG(IterativeSolver):
@@ -38,7 +34,7 @@ class CG(IterativeSolver):
 
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
         r = b - A.matvec(x0)
-        z = _precondition(M, r)
+        z = precondition(M, r)
         # "q" (= A p of the last step) is kept in the state for the reverse sweep; the state's
         # structure must not change between steps (JAX loops), so it starts as zeros.
         return {"x": x0, "r": r, "p": z, "rho": ops.vdot(r, z), "rnorm": ops.norm(r),
@@ -52,7 +48,7 @@ class CG(IterativeSolver):
         alpha = ops.safe_divide(rho, pq)
         x = x + alpha * p
         r = r - alpha * q
-        z = _precondition(M, r)
+        z = precondition(M, r)
         rho_new = ops.vdot(r, z)
         beta = ops.safe_divide(rho_new, rho)
         # Unpreconditioned, rho = <r, r> already is the squared residual norm.
@@ -81,7 +77,7 @@ class CG(IterativeSolver):
         pq = ops.vdot(p, q)
         alpha = ops.safe_divide(rho, pq)
         r_new = r - alpha * q
-        z_new = _precondition(M, r_new)
+        z_new = precondition(M, r_new)
         rho_new = ops.vdot(r_new, z_new)
         beta = ops.safe_divide(rho_new, rho)
 
@@ -96,8 +92,7 @@ class CG(IterativeSolver):
         rho_bar = -beta_bar * ops.safe_divide(beta, rho)
         # rho' = <r', z'> ;  z' = M r'  (z_bar = p_bar' + conj(r') rho_bar')
         z_bar = p_bar_new + conj(r_new) * rho_bar_new
-        r_bar = r_bar_new + conj(z_new * rho_bar_new) + (
-            z_bar if M is None else ctx.precond_T(z_bar))
+        r_bar = r_bar_new + conj(z_new * rho_bar_new) + precondition_T(M, ctx, z_bar)
         # r' = r - alpha q ;  x' = x + alpha p  (r_bar above is both r_bar' and r's share)
         alpha_bar = ops.dot(x_bar, p) - ops.dot(r_bar, q)
         # alpha = rho / pq ;  pq = <p, q>
@@ -113,14 +108,14 @@ class CG(IterativeSolver):
                  ctx: Any) -> Any:
         xp = ops.xp
         r = b - A.matvec(x0)
-        z = _precondition(M, r)
+        z = precondition(M, r)
         x_bar = cotangent(state_bar, "x", r)
         r_bar = cotangent(state_bar, "r", r)
         rho_bar = cotangent(state_bar, "rho", ops.vdot(r, z))
         # rho = <r, z> ;  p = z ;  z = M r
         r_bar = r_bar + xp.conj(z * rho_bar)
         z_bar = cotangent(state_bar, "p", r) + xp.conj(r) * rho_bar
-        r_bar = r_bar + (z_bar if M is None else ctx.precond_T(z_bar))
+        r_bar = r_bar + precondition_T(M, ctx, z_bar)
         # r = b - A x0
         ctx.add_b(r_bar)
         return x_bar + ctx.matvec_T(x0, -r_bar)

@@ -33,17 +33,9 @@ import numbers
 from typing import Any
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import IterativeSolver, State, cotangent
+from prdp_ops._solver.base import IterativeSolver, State, cotangent, precondition, precondition_T
 
 __all__ = ["GMRES"]
-
-
-def _precondition(M: Any, r: Any) -> Any:
-    return r if M is None else M.matvec(r)
-
-
-def _precondition_T(M: Any, ctx: Any, z_bar: Any) -> Any:
-    return z_bar if M is None else ctx.precond_T(z_bar)
 
 
 def _safe_sqrt(ops: ArrayOps, square: Any) -> Any:
@@ -190,7 +182,7 @@ class GMRES(IterativeSolver):
         V, H, Q, beta, j = state["V"], state["H"], state["Q"], state["beta"], state["j"]
 
         # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j.
-        w = A.matvec(_precondition(M, V[j]))
+        w = A.matvec(precondition(M, V[j]))
         rows = _rows_in_use(ops, V, j)
         h1, h2, _, w2 = _orthogonalise(ops, rows, w)
         h_next = _safe_norm(ops, w2)
@@ -219,7 +211,7 @@ class GMRES(IterativeSolver):
 
     def iterate(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> Any:
         y, _, _ = _cycle_solution(ops, state)
-        return state["x_cycle"] + _precondition(M, state["V"][:-1].T @ y)
+        return state["x_cycle"] + precondition(M, state["V"][:-1].T @ y)
 
     # -- reverse sweep (NumPy/CuPy), cycle by cycle ---------------------------------------
     # The cotangent passed between steps is that of the cycle's start "x_cycle" only: the
@@ -262,7 +254,7 @@ class GMRES(IterativeSolver):
         y, R = y[:J], R[:J, :J]
         H_J = H[: J + 1, :J]
         # x_end = x_c + M u,  u = V_J^T y
-        u_bar = _precondition_T(M, ctx, x_bar)
+        u_bar = precondition_T(M, ctx, x_bar)
         # V_bar is this function's own accumulator (NumPy/CuPy only), so it is updated in
         # place rather than copied once per Arnoldi step.
         V_bar = xp.zeros_like(V)
@@ -295,7 +287,7 @@ class GMRES(IterativeSolver):
         """
         xp = ops.xp
         V_active = V[: j + 1]
-        z = _precondition(M, V[j])
+        z = precondition(M, V[j])
         w = A.matvec(z)  # recomputed: the tape keeps no per-step vectors
         h1, h2, w1, _ = _orthogonalise(ops, V_active, w)
         h_next = xp.real(H[j + 1, j])
@@ -318,4 +310,4 @@ class GMRES(IterativeSolver):
         V_bar[: j + 1] += coefficients @ xp.stack([w2_bar, xp.conj(w1), w1_bar, xp.conj(w)])
         # w = A z,  z = M v_j
         z_bar = ctx.matvec_T(z, w_bar)
-        V_bar[j] += _precondition_T(M, ctx, z_bar)
+        V_bar[j] += precondition_T(M, ctx, z_bar)

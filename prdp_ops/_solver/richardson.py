@@ -27,7 +27,14 @@ import numbers
 from typing import Any, ClassVar
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import IterativeSolver, State, cotangent
+from prdp_ops._solver.base import (
+    IterativeSolver,
+    State,
+    cotangent,
+    precondition,
+    precondition_T,
+    residual_init_vjp,
+)
 
 __all__ = ["Richardson", "StationaryIteration", "check_omega"]
 
@@ -125,10 +132,7 @@ class StationaryIteration(IterativeSolver):
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
                  ctx: Any) -> Any:
-        r_bar = cotangent(state_bar, "r", x0)
-        # r = b - A x0
-        ctx.add_b(r_bar)
-        return cotangent(state_bar, "x", x0) + ctx.matvec_T(x0, -r_bar)
+        return residual_init_vjp(state_bar, x0, ctx)
 
 
 class Richardson(StationaryIteration):
@@ -151,9 +155,9 @@ class Richardson(StationaryIteration):
     supports_preconditioner = True
 
     def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
-        return r if M is None else M.matvec(r)
+        return precondition(M, r)
 
     def correction_vjp(self, ops: ArrayOps, A: Any, M: Any, z: Any, z_bar: Any,
                        ctx: Any, P: Any) -> Any:
         # M is a constant: no cotangent besides the transposed application.
-        return z_bar if M is None else ctx.precond_T(z_bar)
+        return precondition_T(M, ctx, z_bar)

@@ -20,13 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._solver.base import IterativeSolver, State, cotangent
+from prdp_ops._solver.base import (
+    IterativeSolver,
+    State,
+    cotangent,
+    precondition,
+    precondition_T,
+    residual_init_vjp,
+)
 
 __all__ = ["SteepestDescent"]
-
-
-def _precondition(M: Any, r: Any) -> Any:
-    return r if M is None else M.matvec(r)
 
 
 class SteepestDescent(IterativeSolver):
@@ -50,7 +53,7 @@ class SteepestDescent(IterativeSolver):
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
         r = state["r"]
-        z = _precondition(M, r)
+        z = precondition(M, r)
         q = A.matvec(z)
         zq = ops.vdot(z, q)
         alpha = ops.safe_divide(ops.vdot(r, z), zq)
@@ -71,7 +74,7 @@ class SteepestDescent(IterativeSolver):
                  state_bar: State, ctx: Any) -> State:
         xp = ops.xp
         r, q = record
-        z = _precondition(M, r)
+        z = precondition(M, r)
         rz, zq = ops.vdot(r, z), ops.vdot(z, q)
         alpha = ops.safe_divide(rz, zq)
 
@@ -92,12 +95,9 @@ class SteepestDescent(IterativeSolver):
         # q = A z
         z_bar = z_bar + ctx.matvec_T(z, q_bar)
         # z = M r
-        r_bar = r_bar + (z_bar if M is None else ctx.precond_T(z_bar))
+        r_bar = r_bar + precondition_T(M, ctx, z_bar)
         return {"x": x_bar, "r": r_bar}
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
                  ctx: Any) -> Any:
-        r_bar = cotangent(state_bar, "r", x0)
-        # r = b - A x0
-        ctx.add_b(r_bar)
-        return cotangent(state_bar, "x", x0) + ctx.matvec_T(x0, -r_bar)
+        return residual_init_vjp(state_bar, x0, ctx)
