@@ -147,8 +147,6 @@ class Trainer:
         ``(k, k_adjoint) -> int``: solver iterations one epoch spends at these counts.
     epochs
         Number of epochs (= controller checks).
-    warmup
-        ``() -> None``: compile everything once before the timed runs.
     """
 
     init_state: Callable[[], Any]
@@ -156,7 +154,11 @@ class Trainer:
     validate: Callable[[Any], float]
     iterations_per_epoch: Callable[[int, int], int]
     epochs: int
-    warmup: Callable[[], None]
+
+    def warmup(self) -> None:
+        """Compile everything once before the timed runs: one epoch at ``k = 1`` and a
+        validation (``k`` is a traced value, so other counts reuse the compiled code)."""
+        self.validate(self.run_epoch(self.init_state(), 0, 1, 1))
 
 
 @dataclasses.dataclass

@@ -372,14 +372,9 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         backward = k_adjoint if adjoint == "implicit" else (k if adjoint == "unrolled" else 0)
         return steps_per_epoch * (k + backward)
 
-    def warmup() -> None:
-        state = run_epoch(init_state(), 0, 1, 1)
-        float(validate_jit(state[0]))
-
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
-                              iterations_per_epoch=iterations_per_epoch, epochs=epochs,
-                              warmup=warmup)
+                              iterations_per_epoch=iterations_per_epoch, epochs=epochs)
 
     info = {"grid": grid, "r": r, "adjoint": adjoint, "epochs": epochs,
             "k_converged": k_converged, "size": size_key, "apply_net": apply_net,

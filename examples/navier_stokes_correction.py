@@ -350,14 +350,9 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
             backward = forward if adjoint == "unrolled" else 0
         return steps_per_epoch * unroll * (forward + backward)
 
-    def warmup() -> None:
-        state = run_epoch(init_state(), 0, 1, 1)
-        float(validate_jit(state[0]))
-
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
-                              iterations_per_epoch=iterations_per_epoch, epochs=epochs,
-                              warmup=warmup)
+                              iterations_per_epoch=iterations_per_epoch, epochs=epochs)
     info = {"n": n, "size": size_key, "k_advection": k_advection, "k_pressure": k_pressure,
             "k_max": k_max, "epochs": epochs, "adjoint": adjoint, "windows": windows.shape[0]}
     return trainer, info

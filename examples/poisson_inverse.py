@@ -185,12 +185,9 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     def iterations_per_epoch(k: int, k_adjoint: int) -> int:
         return k + (k_adjoint if args.adjoint == "implicit" else k)
 
-    def warmup() -> None:
-        parameter_error(run_epoch(init_state(), 0, 1, 1))
-
     return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                            validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
-                           epochs=steps, warmup=warmup)
+                           epochs=steps)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
