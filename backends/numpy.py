@@ -8,6 +8,7 @@ so the convergence test can be made every ``check_every`` iterations instead of 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,10 +16,17 @@ import numpy as np
 
 from prdp_ops._array_ops import ArrayOps
 from prdp_ops._operators.base import LinearOperator, add_cotangents
-from prdp_ops._solution import SolverError, SolveResult, Status
+from prdp_ops._solution import (
+    STAGNATION_DECREASE,
+    STAGNATION_WINDOW,
+    SolverError,
+    SolveResult,
+    Status,
+)
 from prdp_ops._solver.base import IterativeSolver, State
+from prdp_ops._solver.contract import checked_init, checked_step, solver_label
 
-__all__ = ["ReverseContext", "Run", "run_solver", "unrolled_vjp"]
+__all__ = ["Monitor", "ReverseContext", "Run", "run_solver", "unrolled_vjp"]
 
 logger = logging.getLogger("prdp_ops")
 
@@ -56,6 +64,11 @@ def run_solver(
 ) -> Run:
     """Run ``solver`` for at most ``maxiter`` iterations.
 
+    The driver, not the solver, decides how the solve ended (:class:`Monitor`): a
+    convergence claim of the solver's recurrence is confirmed on the true residual ``b - A
+    x``, a non-finite residual or a breakdown stops the loop and keeps the last good state,
+    and a residual that stopped decreasing ends a solve that has a tolerance.
+
     Parameters
     ----------
     tol
@@ -68,18 +81,17 @@ def run_solver(
         Test convergence and failure every this many iterations (a host sync on GPUs).
         Steps past the point of convergence between two checks are not undone.
     on_failure
-        "warn" (log a warning), "raise" (:class:`SolverError`) or "ignore", for breakdown
-        and non-finite residuals. The result reports the failure in every case.
+        "warn" (log a warning), "raise" (:class:`SolverError`) or "ignore", for the failure
+        statuses (:attr:`Status.is_failure`). The result reports the failure in every case.
     """
-    state = solver.init(ops, A, b, x0, M)
+    state = checked_init(solver, ops, A, b, x0, M)
     norms = [solver.residual_norm(ops, state)]
     tape: list[Any] | None = [] if keep_tape else None
-    status = Status.MAX_ITERATIONS
+    monitor = Monitor(ops, A, b, tol, stop_on_convergence)
     iterations = 0
-    if stop_on_convergence and ops.to_float(norms[0]) <= tol:
-        status = Status.CONVERGED
+    status = monitor.start(ops.to_float(norms[0]), lambda: solver.iterate(ops, A, b, state, M))
     while status is Status.MAX_ITERATIONS and iterations < maxiter:
-        new_state = solver.step(ops, A, b, state, M)
+        new_state = checked_step(solver, ops, A, b, state, M, iterations + 1)
         iterations += 1
         rnorm = solver.residual_norm(ops, new_state)
         norms.append(rnorm)
@@ -97,28 +109,120 @@ def run_solver(
         state = new_state
         if callback is not None:
             callback(solver.iterate(ops, A, b, state, M))
-        if checking and stop_on_convergence and rnorm_value <= tol:
-            status = Status.CONVERGED
-    if status is Status.MAX_ITERATIONS and not stop_on_convergence:
-        # A fixed iteration count was asked for; say "converged" only if the residual is 0.
-        status = Status.CONVERGED if ops.to_float(norms[-1]) <= tol else status
+        if checking:
+            status = monitor.update(iterations, rnorm_value,
+                                    lambda s=state: solver.iterate(ops, A, b, s, M))
+    x = solver.iterate(ops, A, b, state, M)
+    status = monitor.finish(status, x, ops.to_float(norms[-1]))
+    if status is Status.NONFINITE and not bool(ops.is_finite(x)):
+        # The solver's residual hid a NaN (its recurrence masked it): x0 is the last
+        # iterate known to be finite.
+        x = x0
     result = SolveResult(
-        x=solver.iterate(ops, A, b, state, M),
+        x=x,
         converged=status is Status.CONVERGED,
         iterations=iterations,
         residual_norms=_host_norms(ops, norms),
         status=status,
-        solver=solver.name or type(solver).__name__,
+        solver=solver_label(solver),
+        true_residual_norm=monitor.true_norm,
     )
     report_failure(result, on_failure)
     return Run(result, state, tape)
+
+
+class Monitor:
+    """The driver's convergence rules, on host floats (NumPy and CuPy).
+
+    * **Confirmation.** A solver's residual norm is usually a recurrence (CG's ``r' = r -
+      alpha A p``), which drifts from ``b - A x`` by rounding and which GMRES's least-squares
+      estimate gets wrong on singular systems. When it meets the tolerance, the driver
+      computes ``||b - A x||`` (one product with ``A``). Met: converged. Not met: the loop
+      goes on, and the next confirmation waits until the recursive residual has fallen
+      another factor ``10``; if the true residual has not halved by then, the solve ends as
+      :attr:`Status.PRECISION_LIMIT` (a tolerance under ``16 eps ||b||``) or
+      :attr:`Status.INACCURATE`. The extra products are one per decade of recursive
+      residual below the tolerance, at most.
+    * **Stagnation.** With a tolerance set, a best residual norm that has not fallen by
+      :data:`STAGNATION_DECREASE` (relative) over :data:`STAGNATION_WINDOW` iterations ends
+      the solve as :attr:`Status.STAGNATED`: a huge ``maxiter`` does not run for hours.
+    * **Non-finite values.** A NaN or inf true residual is :attr:`Status.NONFINITE`, also
+      when the solver's own residual stayed finite; so is a non-finite ``x`` at the end.
+
+    A fixed iteration count (``stop_on_convergence=False``) skips all three but the final
+    finiteness check of ``x``: it costs no product with ``A``.
+    """
+
+    def __init__(self, ops: ArrayOps, A: LinearOperator, b: Any, tol: float,
+                 stop_on_convergence: bool) -> None:
+        self.ops, self.A, self.b, self.tol = ops, A, b, tol
+        self.active = stop_on_convergence
+        self.true_norm: float | None = None
+        self._threshold = tol  # the recursive residual that triggers the next confirmation
+        self._last_true = math.inf
+        self._best = math.inf
+        self._best_at = 0
+        eps = float(np.finfo(np.result_type(b.dtype, np.float32)).eps)
+        self._precision_floor = 16 * eps * float(ops.to_float(ops.norm(b)))
+
+    def true_residual(self, x: Any) -> float:
+        """``||b - A x||``, computed here (not by the solver), as a host float."""
+        self.true_norm = self.ops.to_float(self.ops.norm(self.b - self.A.matvec(x)))
+        return self.true_norm
+
+    def start(self, rnorm0: float, iterate: Callable[[], Any]) -> Status:
+        """The status before the first step (``iterate()`` gives ``x0``)."""
+        if not math.isfinite(rnorm0):
+            return Status.NONFINITE
+        self._best = rnorm0
+        return self.update(0, rnorm0, iterate)
+
+    def update(self, iteration: int, rnorm: float, iterate: Callable[[], Any]) -> Status:
+        """The status after a checked iteration with recursive residual norm ``rnorm``."""
+        if not self.active:
+            return Status.MAX_ITERATIONS
+        if rnorm <= self._threshold:
+            status = self._confirm(iterate(), rnorm)
+            if status is not Status.MAX_ITERATIONS:
+                return status
+        if rnorm < self._best * (1 - STAGNATION_DECREASE):
+            self._best, self._best_at = rnorm, iteration
+        elif iteration - self._best_at >= STAGNATION_WINDOW:
+            return Status.STAGNATED
+        return Status.MAX_ITERATIONS
+
+    def _confirm(self, x: Any, rnorm: float) -> Status:
+        true = self.true_residual(x)
+        if not math.isfinite(true):
+            return Status.NONFINITE
+        if true <= self.tol:
+            return Status.CONVERGED
+        if true > 0.5 * self._last_true:
+            return (Status.PRECISION_LIMIT if self.tol < self._precision_floor
+                    else Status.INACCURATE)
+        self._last_true = true
+        self._threshold = rnorm / 10
+        return Status.MAX_ITERATIONS
+
+    def finish(self, status: Status, x: Any, rnorm: float) -> Status:
+        """The final status: a fixed count is converged only at a zero residual; an
+        unconverged solve with a tolerance reports its true residual; a non-finite ``x`` is
+        :attr:`Status.NONFINITE` whatever the solver's residual said."""
+        if status is Status.MAX_ITERATIONS and not self.active:
+            status = Status.CONVERGED if rnorm <= self.tol else status
+        elif status in (Status.MAX_ITERATIONS, Status.STAGNATED):
+            if not math.isfinite(self.true_residual(x)):
+                status = Status.NONFINITE
+        if status is not Status.NONFINITE and not bool(self.ops.is_finite(x)):
+            status = Status.NONFINITE
+        return status
 
 
 def zero_solution(solver: IterativeSolver, ops: ArrayOps, b: Any) -> Run:
     """The exact solution ``x = 0`` of ``A x = 0``, reported as converged in 0 iterations."""
     result = SolveResult(x=ops.xp.zeros_like(b), converged=True, iterations=0,
                          residual_norms=np.zeros(1), status=Status.CONVERGED,
-                         solver=solver.name or type(solver).__name__)
+                         solver=solver_label(solver), true_residual_norm=0.0)
     return Run(result, {"x": result.x}, [])
 
 

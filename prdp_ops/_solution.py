@@ -16,6 +16,9 @@ class Status(enum.Enum):
     MAX_ITERATIONS = "max_iterations"
     BREAKDOWN = "breakdown"
     NONFINITE = "nonfinite"
+    STAGNATED = "stagnated"
+    INACCURATE = "inaccurate"
+    PRECISION_LIMIT = "precision_limit"
 
     @property
     def message(self) -> str:
@@ -24,9 +27,19 @@ class Status(enum.Enum):
 
     @property
     def is_failure(self) -> bool:
-        """Whether the solve failed numerically (breakdown or NaN/inf), not merely stopped."""
-        return self in (Status.BREAKDOWN, Status.NONFINITE)
+        """Whether the solve failed numerically (breakdown, NaN/inf, stagnation, or a
+        residual the solver's recurrence claimed but ``b - A x`` does not confirm), not
+        merely ran out of iterations. The ``on_failure`` policy applies to these."""
+        return self not in (Status.CONVERGED, Status.MAX_ITERATIONS)
 
+
+#: Iterations without a 0.1% decrease of the best residual norm after which a solve with a
+#: tolerance is declared stagnated. Long enough for slow but steady methods (Jacobi on a
+#: 1024^2 Poisson grid contracts by about 0.5% per 1000 iterations), short against a
+#: ``maxiter`` of millions.
+STAGNATION_WINDOW = 1000
+#: The relative decrease of the best residual norm that counts as progress.
+STAGNATION_DECREASE = 1e-3
 
 _MESSAGES = {
     Status.CONVERGED: "The solve met its tolerance ||b - A x|| <= max(rtol ||b||, atol).",
@@ -45,6 +58,26 @@ _MESSAGES = {
         "The residual became NaN or infinite. Check b, x0 and the operator for non-finite "
         "values, and check that the solver suits the matrix (a stationary method such as "
         "jacobi diverges unless its iteration matrix has spectral radius < 1)."
+    ),
+    Status.STAGNATED: (
+        "The residual norm stopped decreasing: it did not fall by 0.1% over the last "
+        f"{STAGNATION_WINDOW} iterations, so more iterations would not help. A singular or "
+        "inconsistent system (no exact solution), a restart too short for GMRES, or a "
+        "stationary method whose iteration does not contract are the usual causes: check A "
+        "and b, raise GMRES's restart, add a preconditioner M, or use another solver."
+    ),
+    Status.INACCURATE: (
+        "The solver's recurrence claimed convergence but the true residual ||b - A x||, "
+        "computed by the driver, does not meet the tolerance and stopped improving. A may "
+        "be singular with b outside its range (no exact solution), the preconditioner M "
+        "may be singular, or A too ill-conditioned for the dtype: check A, b and M, loosen "
+        "rtol/atol to above result.true_residual_norm, or use float64."
+    ),
+    Status.PRECISION_LIMIT: (
+        "The tolerance is below what the dtype can resolve: the recursive residual met it "
+        "but the true residual ||b - A x|| stalled above it, at the level rounding allows. "
+        "Loosen rtol/atol (no better than about 10 eps ||b|| for the dtype's eps) or solve "
+        "in float64."
     ),
 }
 
@@ -82,6 +115,11 @@ class SolveResult:
         A :class:`Status`; ``status.message`` explains it.
     solver
         Name of the solver that ran.
+    true_residual_norm
+        ``||b - A x||`` of the returned ``x``, computed by the driver (not the solver's
+        recurrence) whenever a tolerance was set: every "converged" is confirmed on it.
+        ``None`` for a fixed iteration count (``rtol = atol = 0``), where computing it
+        would cost an extra product with ``A`` per solve.
     """
 
     x: Any
@@ -90,20 +128,34 @@ class SolveResult:
     residual_norms: Any
     status: Status
     solver: str = ""
+    true_residual_norm: float | None = None
 
     @property
     def info(self) -> int:
-        """SciPy's integer code: 0 converged, >0 iterations without convergence, <0 breakdown."""
+        """SciPy's integer code: 0 converged, >0 iterations without convergence (the limit,
+        stagnation, an unconfirmed residual), <0 breakdown (-1) or NaN/inf (-2)."""
         if self.status is Status.CONVERGED:
             return 0
-        if self.status is Status.MAX_ITERATIONS:
-            return max(int(self.iterations), 1)
-        return _FAILURE_INFO[self.status]
+        if self.status in _FAILURE_INFO:
+            return _FAILURE_INFO[self.status]
+        return max(int(self.iterations), 1)
 
     @property
     def message(self) -> str:
         """What happened, in words, with what to try."""
-        return f"{self.solver or 'solver'}: {self.status.message}"
+        text = f"{self.solver or 'solver'}: {self.status.message}"
+        if self.status in (Status.INACCURATE, Status.PRECISION_LIMIT, Status.STAGNATED):
+            true = float("nan") if self.true_residual_norm is None else self.true_residual_norm
+            text += f" (recursive residual {self.residual_norm:.3g}, true residual {true:.3g})"
+        return text
+
+    def __repr__(self) -> str:
+        true = ("" if self.true_residual_norm is None
+                else f", true_residual_norm={self.true_residual_norm:.3g}")
+        return (f"SolveResult(status={self.status.name}, converged={self.converged}, "
+                f"iterations={self.iterations}, residual_norm={self.residual_norm:.3g}{true}, "
+                f"solver={self.solver!r}, x=<{type(self.x).__name__} "
+                f"shape={getattr(self.x, 'shape', None)}>)")
 
     @property
     def residual_norm(self) -> float:

@@ -43,10 +43,12 @@ def _safe_sqrt(ops: ArrayOps, square: Any) -> Any:
 
     Exact zeros are not rare here (a zero residual, the basis past a happy breakdown), and
     under JAX's automatic differentiation a plain sqrt there turns every gradient into NaN.
+    A NaN ``square`` gives NaN (not 0), so a NaN in ``A`` or ``b`` is reported, not hidden.
     """
     xp = ops.xp
     positive = square > 0
-    return xp.where(positive, xp.sqrt(xp.where(positive, square, 1)), 0)
+    # ``square * 0`` rather than ``0``: a NaN must stay NaN so the driver sees it.
+    return xp.where(positive, xp.sqrt(xp.where(positive, square, 1)), square * 0)
 
 
 def _safe_norm(ops: ArrayOps, v: Any) -> Any:
