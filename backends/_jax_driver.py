@@ -23,14 +23,19 @@ import jax.numpy as jnp
 from jax import lax
 
 from prdp_ops._operators.base import LinearOperator
-from prdp_ops._solution import Status
+from prdp_ops._solution import STAGNATION_DECREASE, STAGNATION_WINDOW, Status
 from prdp_ops._solver.base import IterativeSolver, State
+from prdp_ops._solver.contract import checked_init, checked_step
 
 __all__ = ["STATUSES", "LoopOutput", "Tape", "run_loop", "unrolled_pullback"]
 
 #: Status codes of the JAX driver: ``STATUSES[code]`` is the :class:`~prdp_ops.Status`.
-STATUSES = (Status.CONVERGED, Status.MAX_ITERATIONS, Status.BREAKDOWN, Status.NONFINITE)
-CONVERGED, MAX_ITERATIONS, BREAKDOWN, NONFINITE = range(4)
+STATUSES = (Status.CONVERGED, Status.MAX_ITERATIONS, Status.BREAKDOWN, Status.NONFINITE,
+            Status.STAGNATED, Status.INACCURATE, Status.PRECISION_LIMIT)
+(CONVERGED, MAX_ITERATIONS, BREAKDOWN, NONFINITE, STAGNATED, INACCURATE,
+ PRECISION_LIMIT) = range(len(STATUSES))
+#: Inside the loop only: the recursive residual met the tolerance, not yet confirmed.
+CLAIMED = -1
 
 #: ``Rebuild`` turns A's parameter dict into the operator (so gradients reach the arrays).
 Rebuild = Callable[[dict[str, Any]], Any]
@@ -64,6 +69,8 @@ class LoopOutput(NamedTuple):
     status: Any  # index into STATUSES
     history: Any  # residual norms: capacity + 1 entries (NaN past the end) or [first, last]
     tape: Any  # dict of stacked states, or None
+    x: Any  # the iterate of ``state`` (x0 if it was not finite)
+    true_norm: Any  # ||b - A x|| computed by the driver; NaN for a fixed iteration count
 
 
 class Materialized(LinearOperator):
@@ -116,10 +123,37 @@ def _keep_if(failed: Any, old: State, new: State, live: tuple[str, ...]) -> Stat
     return {k: jnp.where(failed, old[k], v) if k in live else v for k, v in new.items()}
 
 
+class _Carry(NamedTuple):
+    """The loop's carry: the solver's state and the driver's bookkeeping (jax arrays)."""
+
+    state: State
+    iterations: Any
+    accepted: Any
+    status: Any  # a STATUSES index, or CLAIMED
+    rnorm: Any  # the solver's (recursive) residual norm after the last step
+    history: Any
+    buffers: Any
+    threshold: Any  # recursive residual that triggers the next confirmation
+    last_true: Any  # true residual at the last failed confirmation
+    best: Any  # best residual norm that counted as progress, and when it was reached
+    best_at: Any
+    true_norm: Any  # ||b - A x|| computed by the driver (NaN until computed)
+
+
 def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
              maxiter: Any, tol: Any, *, history_size: int | None = None,
              tape: Tape | None = None) -> LoopOutput:
     """Run ``solver`` from ``x0`` for at most ``maxiter`` iterations under ``lax.while_loop``.
+
+    The rules are those of the NumPy driver (:class:`prdp_ops.backends.numpy.Monitor`): a
+    convergence claim of the solver's recurrence is confirmed on ``||b - A x||``, a
+    residual that stopped decreasing ends a solve with a tolerance, and a non-finite value
+    anywhere is :attr:`~prdp_ops.Status.NONFINITE`. They are laid out as two nested loops:
+    the inner one runs steps until the recursive residual claims convergence (or fails, or
+    stagnates, or runs out of iterations); the outer one confirms a claim with one product
+    with ``A`` and resumes the inner loop when the claim was premature. The confirmation
+    thus runs once per claim, also under ``vmap`` (where a ``lax.cond`` inside the step loop
+    would evaluate its branch at every step).
 
     Parameters
     ----------
@@ -134,15 +168,20 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         Keep the states the unrolled reverse sweep needs (see :class:`Tape`); the loop then
         also stops after ``tape.capacity`` iterations.
     """
-    state = solver.init(ops, A, b, x0, M)
+    state = checked_init(solver, ops, A, b, x0, M)
     live = keys_read_by_iterate(solver, ops, A, M, b, state)
     r0 = solver.residual_norm(ops, state)
+    real = r0.dtype
     stop_on_convergence = tol > 0
-    status = jnp.where(stop_on_convergence & (r0 <= tol), CONVERGED, MAX_ITERATIONS)
+    bnorm = ops.norm(b)
+    # A tolerance under 16 eps ||b|| asks for more than rounding allows (NumPy: the same).
+    precision_floor = 16 * jnp.finfo(real).eps * bnorm
+    status = jnp.where(~jnp.isfinite(r0) | ~jnp.isfinite(bnorm), NONFINITE,
+                       jnp.where(stop_on_convergence & (r0 <= tol), CLAIMED, MAX_ITERATIONS))
     zero = jnp.zeros((), jnp.int32)
     history = None
     if history_size is not None:
-        history = jnp.full((history_size + 1,), jnp.nan, r0.dtype).at[0].set(r0)
+        history = jnp.full((history_size + 1,), jnp.nan, real).at[0].set(r0)
     buffers = None
     if tape is not None:
         buffers = {k: jnp.zeros((tape.slots, *jnp.shape(state[k])), jnp.result_type(state[k]))
@@ -150,41 +189,98 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         limit = jnp.minimum(maxiter, tape.capacity)
     else:
         limit = maxiter
-    carry = (state, zero, zero, status.astype(jnp.int32), r0, history, buffers)
+    tol = jnp.asarray(tol, real)
+    nan = jnp.asarray(jnp.nan, real)
+    carry = _Carry(state, zero, zero, status.astype(jnp.int32), r0, history, buffers,
+                   threshold=tol, last_true=jnp.asarray(jnp.inf, real), best=r0, best_at=zero,
+                   true_norm=nan)
 
-    def running(carry: tuple) -> Any:
-        _, iterations, _, status, *_ = carry
-        return (status == MAX_ITERATIONS) & (iterations < limit)
+    def true_residual(state: State) -> Any:
+        return ops.norm(b - A.matvec(solver.iterate(ops, A, b, state, M)))
 
-    def body(carry: tuple) -> tuple:
-        state, iterations, accepted, _, _, history, buffers = carry
+    def stepping(c: _Carry) -> Any:
+        return (c.status == MAX_ITERATIONS) & (c.iterations < limit)
+
+    def step(c: _Carry) -> _Carry:
+        buffers = c.buffers
         if buffers is not None:
-            buffers = _push(buffers, state, accepted, tape)
-        new_state = solver.step(ops, materialized(A, iterations), b, state,
-                                materialized(M, iterations))
+            buffers = _push(buffers, c.state, c.accepted, tape)
+        new_state = checked_step(solver, ops, materialized(A, c.iterations), b, c.state,
+                                 materialized(M, c.iterations))
         rnorm = solver.residual_norm(ops, new_state)
         failure = jnp.where(~jnp.isfinite(rnorm), NONFINITE,
                             jnp.where(solver.breakdown(ops, new_state), BREAKDOWN,
                                       MAX_ITERATIONS))
         failed = failure != MAX_ITERATIONS
         # Keep the last good state on failure: a NaN iterate would poison a training loop.
-        state = _keep_if(failed, state, new_state, live)
-        converged = stop_on_convergence & (rnorm <= tol)
-        status = jnp.where(failed, failure, jnp.where(converged, CONVERGED, MAX_ITERATIONS))
-        iterations = iterations + 1
+        state = _keep_if(failed, c.state, new_state, live)
+        iterations = c.iterations + 1
+        progress = rnorm < c.best * (1 - STAGNATION_DECREASE)
+        best = jnp.where(progress, rnorm, c.best)
+        best_at = jnp.where(progress, iterations, c.best_at)
+        stagnated = stop_on_convergence & (iterations - best_at >= STAGNATION_WINDOW)
+        claimed = stop_on_convergence & (rnorm <= c.threshold)
+        status = jnp.where(failed, failure,
+                           jnp.where(claimed, CLAIMED,
+                                     jnp.where(stagnated, STAGNATED, MAX_ITERATIONS)))
+        history = c.history
         if history is not None:
             history = history.at[iterations].set(rnorm)
-        return (state, iterations, accepted + (~failed).astype(jnp.int32),
-                status.astype(jnp.int32), rnorm, history, buffers)
+        return c._replace(state=state, iterations=iterations,
+                          accepted=c.accepted + (~failed).astype(jnp.int32),
+                          status=status.astype(jnp.int32), rnorm=rnorm, history=history,
+                          buffers=buffers, best=best, best_at=best_at)
 
-    state, iterations, accepted, status, rnorm, history, buffers = lax.while_loop(
-        running, body, carry)
-    # A fixed iteration count (tol == 0) reports "converged" only for a zero residual.
-    status = jnp.where((status == MAX_ITERATIONS) & ~stop_on_convergence & (rnorm <= tol),
-                       CONVERGED, status).astype(jnp.int32)
-    if history is None:
-        history = jnp.stack([r0, rnorm])
-    return LoopOutput(state, iterations, accepted, status, history, buffers)
+    def confirm(state: State, rnorm: Any, last_true: Any, threshold: Any) -> tuple:
+        true = true_residual(state)
+        unimproved = jnp.where(tol < precision_floor, PRECISION_LIMIT, INACCURATE)
+        status = jnp.where(~jnp.isfinite(true), NONFINITE,
+                           jnp.where(true <= tol, CONVERGED,
+                                     jnp.where(true > 0.5 * last_true, unimproved,
+                                               MAX_ITERATIONS)))
+        resumed = status == MAX_ITERATIONS
+        return (status.astype(jnp.int32), jnp.where(resumed, true, last_true),
+                jnp.where(resumed, rnorm / 10, threshold), true)
+
+    def unconfirmed(state: State, rnorm: Any, last_true: Any, threshold: Any) -> tuple:
+        return jnp.asarray(MAX_ITERATIONS, jnp.int32), last_true, threshold, nan
+
+    def running(c: _Carry) -> Any:
+        return (c.status == CLAIMED) | stepping(c)
+
+    def segment(c: _Carry) -> _Carry:
+        status, last_true, threshold, true = lax.cond(
+            c.status == CLAIMED, confirm, unconfirmed, c.state, c.rnorm, c.last_true,
+            c.threshold)
+        c = c._replace(status=jnp.where(c.status == CLAIMED, status, c.status),
+                       last_true=last_true, threshold=threshold,
+                       true_norm=jnp.where(c.status == CLAIMED, true, c.true_norm))
+        return lax.while_loop(stepping, step, c)
+
+    c = lax.while_loop(running, segment, carry)
+    c = _finish(c, stop_on_convergence, tol, true_residual)
+    x = solver.iterate(ops, A, b, c.state, M)
+    x_finite = jnp.all(jnp.isfinite(x))
+    status = jnp.where(x_finite, c.status, NONFINITE).astype(jnp.int32)
+    # A NaN the solver's residual hid leaves no good iterate to keep: x0 is the last known
+    # to be finite (as on NumPy).
+    x = jnp.where(x_finite, x, x0)
+    history = c.history if c.history is not None else jnp.stack([r0, c.rnorm])
+    return LoopOutput(c.state, c.iterations, c.accepted, status, history, c.buffers, x,
+                      c.true_norm)
+
+
+def _finish(c: _Carry, stop_on_convergence: Any, tol: Any,
+            true_residual: Callable[[State], Any]) -> _Carry:
+    """The final status: a fixed count (``tol == 0``) is converged only at a zero residual;
+    a solve with a tolerance that ran out of iterations or stagnated reports its true
+    residual, and is NONFINITE if that is not finite."""
+    unconverged = stop_on_convergence & ((c.status == MAX_ITERATIONS) | (c.status == STAGNATED))
+    true = lax.cond(unconverged, true_residual, lambda s: c.true_norm, c.state)
+    status = jnp.where(unconverged & ~jnp.isfinite(true), NONFINITE, c.status)
+    status = jnp.where((status == MAX_ITERATIONS) & ~stop_on_convergence & (c.rnorm <= tol),
+                       CONVERGED, status)
+    return c._replace(status=status.astype(jnp.int32), true_norm=true)
 
 
 def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict[str, Any]:

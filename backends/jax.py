@@ -496,8 +496,7 @@ def _forward(problem: _Problem, params: dict[str, Any], m_params: dict[str, Any]
     tol = jnp.where(zero_rhs, jnp.ones_like(tol), tol)
     loop = driver.run_loop(problem.solver, OPS, A, M, b, x0, maxiter, tol,
                            history_size=problem.history_size, tape=tape)
-    x = problem.solver.iterate(OPS, A, b, loop.state, M)
-    return x, (loop.iterations, loop.status, loop.history), loop
+    return loop.x, (loop.iterations, loop.status, loop.history), loop
 
 
 def _solve_core(problem: _Problem, params: dict[str, Any], m_params: dict[str, Any], b: Any,
@@ -713,6 +712,9 @@ def solve(
     adjoint = _choice(adjoint, "adjoint", ADJOINT_MODES)
     backend = _choice(backend, "backend", BACKENDS)
     on_failure = _choice(on_failure, "on_failure", FAILURE_POLICIES)
+    if adjoint_callback is not None and not callable(adjoint_callback):
+        raise TypeError("adjoint_callback must be a function adjoint_callback(result) or None; "
+                        f"got {type(adjoint_callback).__name__} {adjoint_callback!r}")
     solver = resolve_solver(solver, solver_options)
     adjoint_solver = solver if adjoint_solver is None else resolve_solver(adjoint_solver, {})
     if backend != "jax":
@@ -742,6 +744,11 @@ def solve(
     capacity = _capacity(maxiter, max_steps, adjoint)
     checkpoint_every = _count(checkpoint_every, "checkpoint_every") or 1
     adjoint_capacity = (adjoint_maxiter if adjoint_maxiter is not None else maxiter)
+    if n == 0:  # the empty vector solves it; no solver runs (as on the bridge)
+        from prdp_ops.backends._jax_bridge import empty_solve
+
+        return empty_solve(b_in, dtype, capacity if return_result else None, return_result,
+                           solver)
     problem = _Problem(
         solver=solver, adjoint_solver=adjoint_solver, rebuild=_rebuilder(op),
         rebuild_precond=None if M_op is None else _rebuilder(M_op), mode=adjoint,
