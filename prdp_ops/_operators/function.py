@@ -19,7 +19,8 @@ class FunctionOperator(LinearOperator):
     Parameters
     ----------
     matvec
-        ``x -> A @ x`` for a 1-D ``x``.
+        ``x -> A @ x`` for a 1-D ``x``; it must return shape ``(m,)`` (or ``(m, 1)``),
+        checked at every call (a ValueError names the shape it returned).
     shape
         ``(m, n)``; an int ``n`` means ``(n, n)``.
     dtype
@@ -62,17 +63,45 @@ class FunctionOperator(LinearOperator):
         self._diagonal = diagonal
 
     def _matvec(self, x: Any) -> Any:
-        return self._matvec_fn(x)
+        return _checked_output(self._matvec_fn(x), self.shape[0], "matvec", self._matvec_fn,
+                               x, self.shape)
 
     def _rmatvec(self, y: Any) -> Any:
         if self._rmatvec_fn is not None:
-            return self._rmatvec_fn(y)
+            return _checked_output(self._rmatvec_fn(y), self.shape[1], "rmatvec",
+                                   self._rmatvec_fn, y, self.shape)
         return super()._rmatvec(y)
 
     def diagonal(self) -> Any:
         if self._diagonal is None:
             return super().diagonal()
         return self._diagonal
+
+
+def _checked_output(out: Any, length: int, name: str, fn: Callable, given: Any,
+                    shape: tuple[int, int]) -> Any:
+    """``out`` as a 1-D array of ``length`` entries, or a ValueError naming the function.
+
+    A user's function is the one place an operator's output shape is not guaranteed by
+    construction; unchecked, a wrong length surfaces far away as a broadcast error inside a
+    solver (``b - A x``), a scalar silently broadcasts, and ``None`` fails with a
+    ``TypeError`` about operand types. A column ``(length, 1)`` is accepted as SciPy does.
+    Only the static shape is read, so the check is free and works on traced JAX values.
+    """
+    out_shape = getattr(out, "shape", None)
+    if out_shape == (length,):
+        return out
+    if out_shape == (length, 1):
+        return out.reshape(-1)
+    received = (f"an array of shape {tuple(out_shape)}" if out_shape is not None
+                else "None" if out is None else f"a {type(out).__name__}")
+    label = getattr(fn, "__qualname__", type(fn).__name__)
+    raise ValueError(
+        f"{name} function {label!r} of a FunctionOperator of shape {shape} must return an "
+        f"array of shape ({length},) for an input of shape "
+        f"{tuple(getattr(given, 'shape', ()))}; it returned {received}. Fix the function, or "
+        "the shape given with it"
+    )
 
 
 class ScipyLinearOperator(LinearOperator):
