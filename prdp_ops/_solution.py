@@ -180,11 +180,17 @@ class Cotangents:
     adjoint_result
         The :class:`SolveResult` of the adjoint solve ``A^T lambda = x_bar`` (implicit mode),
         so the caller can see how inexact the gradient is; ``None`` in the other modes.
+    x0
+        Cotangent of the initial guess, with ``x0``'s shape (``b``'s when no ``x0`` was
+        given). Unrolled mode: the exact derivative of the iterations run. Implicit mode:
+        zero, since at convergence the solution does not depend on ``x0``; mode "none":
+        zero.
     """
 
     def __init__(self, b: Any, A: Any = None, adjoint_result: SolveResult | None = None, *,
-                 A_thunk: Any = None) -> None:
+                 A_thunk: Any = None, x0: Any = None) -> None:
         self.b = b
+        self.x0 = x0
         self.adjoint_result = adjoint_result
         self._A = A
         self._A_thunk = A_thunk

@@ -11,10 +11,22 @@ preconditioner's adjoint ``M^H``: an untransposed preconditioner is wrong for a
 non-symmetric ``M`` and can slow the adjoint solve down by orders of magnitude.
 The right-hand side is scaled to unit max-norm first: CG's ``rho = <r, r>`` of a cotangent
 of size 1e-200 underflows to zero and would turn the gradient into 0/0 = NaN.
+
+The initial guess. At convergence ``x`` solves ``A x = b`` whatever ``x0`` was, so the
+implicit cotangent of ``x0`` is zero; the unrolled one is the exact derivative of the
+``K`` iterations run (for a contracting stationary method it decays like ``rho^K``).
+
+Ownership. ``b`` and ``x0`` are copied once on entry and the returned ``x`` is the caller's
+own array: nothing the caller holds (the arrays passed in, ``result.x``, the iterates a
+``callback`` receives) is referenced by the solve or its ``vjp``, so writing to them can
+neither change a gradient nor be changed by one. ``A`` is the exception: an operator is
+referenced, not copied (it may be a large matrix or a closure); do not modify it in place
+between ``solve_vjp`` and calling its ``vjp``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -86,34 +98,75 @@ def _solve_dtype(op: LinearOperator, b: Any, solver: IterativeSolver) -> Any:
     return dtype
 
 
-def _check_vector(ops: ArrayOps, v: Any, n: int, name: str, dtype: Any) -> Any:
+def _as_array(v: Any) -> Any:
+    """Arrays as they are; lists, tuples and scalars through ``np.asarray`` (as for ``b``)."""
+    return v if hasattr(v, "shape") else np.asarray(v)
+
+
+def _check_vector(ops: ArrayOps, v: Any, n: int, name: str, dtype: Any, *,
+                  check_finite: bool = True, copy: bool = False) -> Any:
+    """``v`` as a 1-D array of ``dtype``: shape ``(n,)`` or ``(n, 1)``, finite unless
+    ``check_finite`` is off (then a NaN is left to the driver, which reports it in the
+    result). ``copy=True`` returns an array the caller's ``v`` does not share."""
     shape = getattr(v, "shape", None)
     if shape not in ((n,), (n, 1)):
         raise ValueError(
-            f"{name} must have shape ({n},) to match A of shape ({n}, {n}); got shape {shape}"
+            f"{name} must have shape ({n},) or ({n}, 1) to match A of shape ({n}, {n}); got "
+            f"shape {shape}"
         )
-    v = v.reshape(-1).astype(dtype, copy=False)
-    if not bool(ops.is_finite(v)):
+    v = v.reshape(-1).astype(dtype, copy=copy)
+    if check_finite and not bool(ops.is_finite(v)):
         raise ValueError(f"{name} contains NaN or inf; pass finite values")
     return v
 
 
+def _check_callback(value: Any, name: str) -> Callable | None:
+    if value is not None and not callable(value):
+        raise TypeError(
+            f"{name} must be a function called as {name}(xk) after every iteration, or None; "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _copying(callback: Callable | None, shape: tuple[int, ...]) -> Callable | None:
+    """``callback`` fed a copy of each iterate in ``b``'s shape: the caller may keep or
+    modify what it receives without touching the solver's state (SciPy hands out the live
+    array)."""
+    if callback is None:
+        return None
+    return lambda xk: callback(xk.reshape(shape).copy())
+
+
 class _Problem:
-    """Checked arguments of one solve."""
+    """Checked arguments of one solve.
+
+    ``b`` and ``x0`` are held as private 1-D copies (their shapes as given are kept in
+    ``b_shape`` and ``x0_shape`` for the results). ``check_finite=False`` lets a non-finite
+    ``b`` or ``x0`` through to the driver, which reports it as :attr:`Status.NONFINITE`
+    under the ``on_failure`` policy: the JAX bridge uses it for traced inputs, which native
+    JAX cannot check at trace time either.
+    """
 
     def __init__(self, A: Any, b: Any, solver: Any, x0: Any, maxiter: Any, rtol: Any,
                  atol: Any, M: Any, on_failure: str, check_every: int,
-                 solver_options: dict[str, Any]) -> None:
+                 solver_options: dict[str, Any], *, check_finite: bool = True) -> None:
         self.solver = resolve_solver(solver, solver_options)
+        self.check_finite = check_finite
         self.A = _as_operator(A)
         n = self.A.shape[0]
-        if not hasattr(b, "shape"):
-            b = np.asarray(b)
+        b = _as_array(b)
+        x0 = None if x0 is None else _as_array(x0)
         self.ops = ops_for(b, x0, *self.A.parameters().values())
         self.dtype = _solve_dtype(self.A, b, self.solver)
-        self.b = _check_vector(self.ops, b, n, "b", self.dtype)
+        self.b = _check_vector(self.ops, b, n, "b", self.dtype, check_finite=check_finite,
+                               copy=True)
+        self.b_shape = tuple(b.shape)
         self.x0 = (self.ops.xp.zeros(n, dtype=self.dtype) if x0 is None
-                   else _check_vector(self.ops, x0, n, "x0", self.dtype))
+                   else _check_vector(self.ops, x0, n, "x0", self.dtype,
+                                      check_finite=check_finite, copy=True))
+        # The default initial guess (zeros) gets a cotangent shaped like the solution.
+        self.x0_shape = self.b_shape if x0 is None else tuple(x0.shape)
         self.maxiter = 10 * n if maxiter is None else _check_count(maxiter, "maxiter")
         self.rtol = _check_tolerance(rtol, "rtol")
         self.atol = _check_tolerance(atol, "atol")
@@ -130,22 +183,37 @@ class _Problem:
             if self.M.shape != self.A.shape:
                 raise ValueError(f"M must have A's shape {self.A.shape}; got {self.M.shape}")
 
-    def run(self, *, keep_tape: bool = False, callback: Callable | None = None,
-            x0: Any = None, A: LinearOperator | None = None,
-            M: LinearOperator | None = None, b: Any = None) -> numpy_backend.Run:
-        b = self.b if b is None else b
-        bnorm = self.ops.to_float(self.ops.norm(b))
-        tol = max(self.rtol * bnorm, self.atol)
-        if bnorm == 0.0 and (self.rtol > 0 or self.atol > 0):
-            # As SciPy: x = 0 solves A x = 0 exactly, whatever x0 was.
-            return numpy_backend.zero_solution(self.solver, self.ops, b)
+    @property
+    def solved_by_zero(self) -> bool:
+        """Whether ``x = 0`` is returned without iterating: ``n = 0`` (the empty vector
+        solves the empty system) or, as in SciPy, ``b = 0`` with a tolerance (``x = 0``
+        solves ``A x = 0`` exactly, whatever ``x0`` was). ``x`` then depends on nothing,
+        so every cotangent is zero."""
+        if self.A.shape[0] == 0:
+            return True
+        bnorm = self.ops.to_float(self.ops.norm(self.b))
+        return bnorm == 0.0 and (self.rtol > 0 or self.atol > 0)
+
+    def run(self, *, keep_tape: bool = False,
+            callback: Callable | None = None) -> numpy_backend.Run:
+        if self.solved_by_zero:
+            return numpy_backend.zero_solution(self.solver, self.ops, self.b)
+        bnorm = self.ops.to_float(self.ops.norm(self.b))
+        # A non-finite b (only with check_finite off) has no meaningful tolerance: none is
+        # set, and the driver reports the non-finite residual (NONFINITE, x = x0).
+        tol = max(self.rtol * bnorm, self.atol) if math.isfinite(bnorm) else 0.0
         return numpy_backend.run_solver(
-            self.solver, self.ops, self.A if A is None else A, b,
-            self.x0 if x0 is None else x0, self.M if M is None else M,
+            self.solver, self.ops, self.A, self.b, self.x0, self.M,
             maxiter=self.maxiter, tol=tol, stop_on_convergence=tol > 0,
-            callback=callback, keep_tape=keep_tape, check_every=self.check_every,
-            on_failure=self.on_failure,
+            callback=_copying(callback, self.b_shape), keep_tape=keep_tape,
+            check_every=self.check_every, on_failure=self.on_failure,
         )
+
+    def user_result(self, result: SolveResult) -> SolveResult:
+        """``result`` with ``x`` in ``b``'s shape and owned by the caller: a copy, so that
+        nothing the caller holds aliases the solver's state, its tape or the vjp's
+        residuals (writing to ``result.x`` must not change a gradient)."""
+        return dataclasses.replace(result, x=result.x.reshape(self.b_shape).copy())
 
 
 # -- public functions -------------------------------------------------------------------------
@@ -185,7 +253,8 @@ def solve(
     M
         Preconditioner approximating ``A^-1`` (Krylov solvers, Richardson, steepest descent).
     callback
-        ``callback(xk)`` after every iteration, as in SciPy.
+        ``callback(xk)`` after every iteration, as in SciPy; ``xk`` is a copy of the
+        iterate, in ``b``'s shape.
     on_failure
         What a breakdown or a NaN does besides being reported in the result: "warn" (log a
         warning, the default), "raise" (:class:`prdp_ops.SolverError`) or "ignore".
@@ -198,11 +267,23 @@ def solve(
     Returns
     -------
     SolveResult
-        ``x``, ``converged``, ``iterations``, ``residual_norms``, ``status``, ``info``.
+        ``x`` (in ``b``'s shape, an array of the caller's own), ``converged``,
+        ``iterations``, ``residual_norms``, ``status``, ``info``. An empty system (``n =
+        0``) and, as in SciPy, ``b = 0`` with a tolerance are solved by ``x = 0`` in 0
+        iterations.
+
+    Raises
+    ------
+    ValueError, TypeError, KeyError
+        For bad input, naming the argument: a shape or dtype mismatch, a non-square
+        operator, NaN or inf in ``b`` or ``x0``, an unknown solver, a bad ``maxiter``,
+        tolerance, ``on_failure`` or ``callback``. A matvec function that returns the wrong
+        shape raises a ValueError when first called.
     """
+    callback = _check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
-    return problem.run(callback=callback).result
+    return problem.user_result(problem.run(callback=callback).result)
 
 
 def solve_vjp(
@@ -244,11 +325,21 @@ def solve_vjp(
     Returns
     -------
     (SolveResult, vjp)
-        ``vjp(x_bar, *, adjoint_x0=None) -> Cotangents`` with ``.b``, ``.A`` and, in implicit
-        mode, ``.adjoint_result``. ``adjoint_x0`` warm-starts the adjoint solve, e.g. with
-        the previous call's ``cotangents.b``.
+        ``vjp(x_bar, *, adjoint_x0=None) -> Cotangents`` with ``.b`` (in ``b``'s shape),
+        ``.x0`` (in ``x0``'s shape; ``b``'s when ``x0`` was not given), ``.A`` and, in
+        implicit mode, ``.adjoint_result``. ``.x0`` is the exact derivative of the
+        iterations run in unrolled mode, and zero in implicit mode (at convergence ``x``
+        does not depend on ``x0``) and in mode "none". ``adjoint_x0`` warm-starts the
+        adjoint solve, e.g. with the previous call's ``cotangents.b``.
+
+    Notes
+    -----
+    ``result.x`` and every cotangent are the caller's own arrays, and ``b``, ``x0`` and
+    ``x_bar`` are copied on entry: modifying any of them in place changes no gradient.
+    ``A`` is referenced, not copied; do not modify it in place before calling ``vjp``.
     """
     adjoint = _check_choice(adjoint, "adjoint", ADJOINT_MODES)
+    callback = _check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
     if adjoint == "unrolled" and not problem.solver.supports_unrolled_numpy:
@@ -257,24 +348,35 @@ def solve_vjp(
             "adjoint='unrolled' is unavailable there: implement its step_vjp/init_vjp, use "
             "adjoint='implicit', or call it through prdp_ops.backends.jax (which derives it)"
         )
+    if adjoint == "implicit":  # checked before the forward solve runs
+        adjoint_problem = _adjoint_problem(problem, adjoint_solver, adjoint_maxiter,
+                                           adjoint_rtol, adjoint_atol)
     run = problem.run(keep_tape=adjoint == "unrolled", callback=callback)
-
+    result = problem.user_result(run.result)  # a copy: run.result.x stays the solve's own
     if adjoint == "none":
-        return run.result, _zero_vjp(problem)
+        return result, _zero_vjp(problem)
     if adjoint == "unrolled":
-        return run.result, _unrolled_vjp(problem, run)
-    adjoint_problem = _adjoint_problem(problem, adjoint_solver, adjoint_maxiter,
-                                       adjoint_rtol, adjoint_atol)
-    return run.result, _implicit_vjp(problem, adjoint_problem, run.result.x)
+        return result, _unrolled_vjp(problem, run)
+    return result, _implicit_vjp(problem, adjoint_problem, run.result.x)
 
 
 def _check_cotangent(problem: _Problem, x_bar: Any) -> Any:
+    """``x_bar`` as a private 1-D copy (the reverse sweep may keep it; the caller may
+    modify theirs)."""
     n = problem.A.shape[0]
+    x_bar = _as_array(x_bar)
     if getattr(x_bar, "shape", None) not in ((n,), (n, 1)):
         raise ValueError(
-            f"x_bar must have the solution's shape ({n},); got {getattr(x_bar, 'shape', None)}"
+            f"x_bar must have the solution's shape {problem.b_shape} (or ({n},)); got shape "
+            f"{getattr(x_bar, 'shape', None)}"
         )
-    return x_bar.reshape(-1).astype(problem.dtype, copy=False)
+    return x_bar.reshape(-1).astype(problem.dtype, copy=True)
+
+
+def _cotangents(problem: _Problem, b_bar: Any, x0_bar: Any, **kwargs: Any) -> Cotangents:
+    """Cotangents in the shapes the caller passed ``b`` and ``x0`` in."""
+    return Cotangents(b=b_bar.reshape(problem.b_shape), x0=x0_bar.reshape(problem.x0_shape),
+                      **kwargs)
 
 
 def _zero_vjp(problem: _Problem) -> Callable[..., Cotangents]:
@@ -282,19 +384,27 @@ def _zero_vjp(problem: _Problem) -> Callable[..., Cotangents]:
         _check_cotangent(problem, x_bar)
         xp = problem.ops.xp
         params = {k: xp.zeros_like(v) for k, v in problem.A.parameters().items()}
-        return Cotangents(b=xp.zeros_like(problem.b), A=problem.A.format_cotangent(params))
+        return _cotangents(problem, xp.zeros_like(problem.b), xp.zeros_like(problem.x0),
+                           A=problem.A.format_cotangent(params))
 
     return vjp
 
 
 def _unrolled_vjp(problem: _Problem, run: numpy_backend.Run) -> Callable[..., Cotangents]:
+    if problem.solved_by_zero:
+        # x = 0 was returned without iterating (n = 0, or b = 0 with a tolerance): it
+        # depends on nothing, and the run has no solver state to sweep back through.
+        return _zero_vjp(problem)
+
     def vjp(x_bar: Any, **_: Any) -> Cotangents:
         x_bar = _check_cotangent(problem, x_bar)
-        b_bar, params_bar, _ = numpy_backend.unrolled_vjp(
+        b_bar, params_bar, x0_bar = numpy_backend.unrolled_vjp(
             problem.solver, problem.ops, problem.A, problem.b, problem.x0, problem.M, run, x_bar
         )
-        return Cotangents(b=b_bar,
-                          A_thunk=lambda: problem.A.format_cotangent(params_bar()))
+        # x0_bar may be an array the reverse sweep recorded for A's (deferred) cotangent,
+        # e.g. x_bar itself when init is x = x0: the caller gets a copy.
+        return _cotangents(problem, b_bar, x0_bar.copy(),
+                           A_thunk=lambda: problem.A.format_cotangent(params_bar()))
 
     return vjp
 
@@ -317,6 +427,7 @@ def _adjoint_problem(problem: _Problem, solver: Any, maxiter: Any, rtol: Any,
 
 
 def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[..., Cotangents]:
+    """The implicit vjp at the solution ``x`` (the solve's own array, not the caller's)."""
     ops, xp = problem.ops, problem.ops.xp
     complex_data = np.issubdtype(problem.dtype, np.complexfloating)
     conj = xp.conj if complex_data else (lambda v: v)
@@ -324,17 +435,28 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
 
     def vjp(x_bar: Any, *, adjoint_x0: Any = None) -> Cotangents:
         x_bar = _check_cotangent(problem, x_bar)
+        if problem.solved_by_zero:
+            return _zero_vjp(problem)(x_bar)
         # The max-norm: the 2-norm itself would underflow for a cotangent of size 1e-300.
         scale = ops.to_float(xp.max(xp.abs(x_bar)))
         if scale == 0.0:
             return _zero_vjp(problem)(x_bar)
         if not math.isfinite(scale):
-            raise ValueError("x_bar contains NaN or inf; the gradient of the loss is not finite")
+            if problem.check_finite:
+                raise ValueError(
+                    "x_bar contains NaN or inf: the gradient of the loss is not finite; check "
+                    "the loss (and the solve's result.status) before calling vjp"
+                )
+            # On the bridge (traced inputs) the adjoint solve reports it instead, as
+            # NONFINITE under the on_failure policy, as native JAX does.
+            scale = 1.0
         rhs = conj(x_bar) / scale
         mu0 = (xp.zeros_like(rhs) if adjoint_x0 is None
-               else conj(_check_vector(ops, adjoint_x0, rhs.shape[0], "adjoint_x0",
+               else conj(_check_vector(ops, _as_array(adjoint_x0), rhs.shape[0], "adjoint_x0",
                                        problem.dtype)) / scale)
-        tol = max(adj.rtol * ops.to_float(ops.norm(rhs)), adj.atol / scale)
+        rhs_norm = ops.to_float(ops.norm(rhs))
+        tol = (max(adj.rtol * rhs_norm, adj.atol / scale) if math.isfinite(rhs_norm)
+               else 0.0)
         run = numpy_backend.run_solver(
             adj.solver, ops, A_H, rhs, mu0, adj.M_H, maxiter=adj.maxiter, tol=tol,
             stop_on_convergence=tol > 0, check_every=problem.check_every,
@@ -342,13 +464,17 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
         )
         lam = conj(run.result.x) * scale
         adjoint_result = SolveResult(
-            x=lam, converged=run.result.converged, iterations=run.result.iterations,
+            x=lam.copy(), converged=run.result.converged, iterations=run.result.iterations,
             residual_norms=run.result.residual_norms * scale, status=run.result.status,
             solver=run.result.solver,
+            true_residual_norm=(None if run.result.true_residual_norm is None
+                                else run.result.true_residual_norm * scale),
         )
-        return Cotangents(
-            b=lam, adjoint_result=adjoint_result,
-            A_thunk=lambda: problem.A.format_cotangent(problem.A.param_vjp(x, -lam)),
+        # -lambda is A's cotangent's own array, so writing to .b cannot change .A.
+        neg_lam = -lam
+        return _cotangents(
+            problem, lam, xp.zeros_like(problem.x0), adjoint_result=adjoint_result,
+            A_thunk=lambda: problem.A.format_cotangent(problem.A.param_vjp(x, neg_lam)),
         )
 
     return vjp

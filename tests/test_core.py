@@ -121,8 +121,9 @@ def test_column_vector_b_and_integer_b_accepted():
     A = poisson_2d(4)
     r1 = po.solve(A, np.arange(16).reshape(-1, 1), rtol=1e-10)
     r2 = po.solve(A, np.arange(16.0), rtol=1e-10)
-    assert r1.x.dtype == np.float64 and r1.x.shape == (16,)
-    np.testing.assert_allclose(r1.x, r2.x)
+    # x takes b's shape (DESIGN.md): a column in, a column out
+    assert r1.x.dtype == np.float64 and r1.x.shape == (16, 1)
+    np.testing.assert_allclose(r1.x[:, 0], r2.x)
 
 
 # -- bad input --------------------------------------------------------------------------------
