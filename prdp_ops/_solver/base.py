@@ -113,6 +113,14 @@ class IterativeSolver(abc.ABC):
     requires_hermitian: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
+        # A solver without an __init__ of its own takes no options: po.CG(tol=1e-8) must
+        # fail, not run with the default tolerance.
+        if options and type(self).__init__ is IterativeSolver.__init__:
+            raise TypeError(
+                f"solver {self.name or type(self).__name__!r} takes no options; got "
+                f"{sorted(options)}. Tolerances and limits (rtol, atol, maxiter) are arguments "
+                "of the solve function"
+            )
         self.options: dict[str, Any] = dict(options)
 
     # -- to implement -----------------------------------------------------------------

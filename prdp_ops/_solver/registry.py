@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prdp_ops._solver.base import IterativeSolver
 
-__all__ = ["available_solvers", "get_solver", "register_solver", "resolve_solver"]
+__all__ = ["accepted_options", "available_solvers", "check_options", "get_solver",
+           "register_solver", "resolve_solver"]
 
 _S = TypeVar("_S", bound=type[IterativeSolver])
 
@@ -52,7 +55,10 @@ def register_solver(
             f"a solver named {key!r} is already registered ({_REGISTRY[key].__name__}); pass "
             "overwrite=True to replace it, or choose another name"
         )
-    cls.name = key
+    # The first name a class is registered under becomes its own; later names are aliases
+    # and leave the class alone (a built-in must keep reporting its name).
+    if "name" not in cls.__dict__ or cls.__dict__["name"] is None:
+        cls.name = key
     _REGISTRY[key] = cls
     return cls
 
@@ -77,7 +83,64 @@ def get_solver(name: str, **options: Any) -> IterativeSolver:
             f"unknown solver {name!r}; registered solvers: {', '.join(available_solvers())}. "
             "Register your own with prdp_ops.register_solver."
         ) from None
+    check_options(cls, options, name)
     return cls(**options)
+
+
+#: Keywords of SciPy's solvers with another name here, and what to pass instead.
+_RENAMED = {"tol": "rtol= (SciPy's old tol= is the relative tolerance rtol= here)"}
+
+
+def accepted_options(cls: type[IterativeSolver]) -> tuple[str, ...] | None:
+    """The option names ``cls.__init__`` takes (``None``: any, it has ``**kwargs``)."""
+    if cls.__init__ is IterativeSolver.__init__:
+        return ()
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params
+                 if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                               inspect.Parameter.KEYWORD_ONLY))
+
+
+def check_options(cls: type[IterativeSolver], options: dict[str, Any],
+                  label: str | None = None) -> None:
+    """Raise a ``TypeError`` naming the solver for options its ``__init__`` does not take.
+
+    Every keyword of ``po.solve`` that is not one of its own parameters lands here, so a
+    misspelt ``rtoll=`` or SciPy's ``tol=`` must not be swallowed by a solver's
+    ``**options``.
+    """
+    known = accepted_options(cls)
+    if known is None:
+        return
+    unknown = sorted(set(options) - set(known))
+    if not unknown:
+        return
+    label = label or cls.__dict__.get("name") or cls.__name__
+    takes = ", ".join(known) if known else "no options"
+    hints = []
+    for key in unknown:
+        if key in _RENAMED:
+            hints.append(f"pass {_RENAMED[key]}")
+        else:
+            close = difflib.get_close_matches(key, [*known, *_SOLVE_KEYWORDS], n=1)
+            if close:
+                hints.append(f"did you mean {close[0]}= instead of {key}=?")
+    hint = (" (" + "; ".join(hints) + ")") if hints else ""
+    raise TypeError(
+        f"solver {label!r} got unexpected option(s) {', '.join(map(repr, unknown))}{hint}; "
+        f"it takes: {takes}. Keywords that are neither an argument of the solve function nor "
+        "an option of the solver are errors, not ignored"
+    )
+
+
+#: Keywords of ``po.solve`` / ``po.solve_vjp`` / ``pj.solve``, for spelling suggestions.
+_SOLVE_KEYWORDS = (
+    "x0", "maxiter", "rtol", "atol", "M", "callback", "on_failure", "check_every", "adjoint",
+    "adjoint_maxiter", "adjoint_rtol", "adjoint_atol", "adjoint_solver", "backend",
+    "return_result", "max_steps", "checkpoint_every", "adjoint_callback", "hermitian",
+)
 
 
 def resolve_solver(solver: str | IterativeSolver, options: dict[str, Any]) -> IterativeSolver:
@@ -90,6 +153,7 @@ def resolve_solver(solver: str | IterativeSolver, options: dict[str, Any]) -> It
             )
         return solver
     if isinstance(solver, type) and issubclass(solver, IterativeSolver):
+        check_options(solver, options)
         return solver(**options)
     if not isinstance(solver, str):
         raise TypeError(
