@@ -11,6 +11,20 @@
 * ``adjoint="unrolled"``: the backward callback reruns the forward solve with a tape and
   sweeps it in reverse (``po.solve_vjp``): about two forward solves plus the reverse sweep.
   Nothing is kept on the host between the two callbacks, so jit, vmap and grad compose.
+  ``x0`` receives its cotangent here (in implicit mode it has none: at convergence ``x``
+  does not depend on ``x0``), as on the native JAX path.
+
+Same policy, same outcome as native JAX. A concrete ``b`` or ``x0`` with NaN/inf is refused
+at trace time (ValueError), as natively. Traced ones reach the host callbacks, which must
+not raise for data (a raise there is an opaque ``JaxRuntimeError`` of the whole call): the
+NumPy solve runs on them and reports :attr:`~prdp_ops.Status.NONFINITE` with ``x = x0``,
+under ``on_failure`` -- a warning logged for "warn", nothing for "ignore", and a
+:class:`~prdp_ops.SolverError` for "raise" (which inside ``jit`` surfaces as the runtime
+error of the call, as natively; an eager call with nothing traced runs the host function
+directly and raises the SolverError itself, as natively). Errors in the arguments
+themselves (a matvec function returning the wrong shape, a non-callable
+``adjoint_callback``) are raised at trace time.
+An empty system (``n = 0``) is solved by the empty vector without a callback.
 
 Both callbacks are batched by ``vmap`` one problem at a time (``vmap_method="sequential"``).
 ``maxiter`` and the tolerances travel as callback operands, so they may be traced here too.
@@ -43,7 +57,7 @@ from prdp_ops._array_ops import array_backend_name
 from prdp_ops._operators.base import LinearOperator
 from prdp_ops._solver.base import IterativeSolver
 
-__all__ = ["bridge_solve"]
+__all__ = ["bridge_solve", "empty_solve"]
 
 
 # -- operators on the host -----------------------------------------------------------------------
@@ -113,7 +127,10 @@ def _sparse_matrix(data: Any, indices: Any, shape: tuple[int, int]) -> Any:
     return sparse.coo_matrix((data, (indices[:, 0], indices[:, 1])), shape=shape)
 
 
-def _host_operator(A: Any, name: str) -> _HostOperator:
+def _host_operator(A: Any, name: str, probe: bool = True) -> _HostOperator:
+    """How ``A`` crosses to the host; ``probe``: check a matrix-free NumPy operator's
+    output shape now (see :func:`_probe_matvec`; not for CuPy, whose operators would
+    receive a NumPy vector)."""
     if isinstance(A, (po.DenseOperator, po.SparseOperator)) and array_backend_name(
             A.matrix) == "jax":
         A = A.matrix  # the matrix itself, so its cotangent maps back entry by entry
@@ -121,6 +138,8 @@ def _host_operator(A: Any, name: str) -> _HostOperator:
         params = A.parameters()
         if any(array_backend_name(v) == "jax" for v in params.values()):
             return _HostOperator("operator", A.shape, A.dtype, params, (), A)
+        if probe:
+            _probe_matvec(A, name)
         return _HostOperator("constant", A.shape, A.dtype, {}, (), A)
     if _is_bcoo(A):
         return _HostOperator("bcoo", A.shape, A.dtype, {"data": A.data}, (A.indices,))
@@ -135,7 +154,26 @@ def _host_operator(A: Any, name: str) -> _HostOperator:
             "backend='jax'"
         )
     op = core._as_operator(A, name)  # the core's checks and messages
+    if probe:
+        _probe_matvec(op, name)
     return _HostOperator("constant", op.shape, op.dtype, {}, (), A)
+
+
+def _probe_matvec(op: LinearOperator, name: str) -> None:
+    """Apply a matrix-free operator once, to a zero vector, at trace time.
+
+    Its matvec is user code (a ``po.FunctionOperator``, a SciPy LinearOperator, a sum or
+    product of them) whose output shape nothing else guarantees. On the host inside
+    ``jit`` a wrong shape would surface as an opaque callback error of the whole call;
+    native JAX checks it at trace time (``jax.eval_shape``), and so does this, at the cost
+    of one matvec per trace. Matrices are exempt: their shape is the check.
+    """
+    if isinstance(op, (po.DenseOperator, po.SparseOperator)) or op.shape[1] == 0:
+        return
+    try:
+        op.matvec(np.zeros(op.shape[1], dtype=op.dtype))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{name}: {err}") from None
 
 
 # -- the bridge ---------------------------------------------------------------------------------
@@ -161,8 +199,10 @@ class _Bridge:
         maxiter, rtol, atol = int(controls[0]), float(controls[1]), float(controls[2])
         A = self.A.build(params, constants)
         M = None if self.M is None else self.M.build(m_params, m_constants)
+        # check_finite=False: a NaN here came from a traced b or x0 (concrete ones were
+        # refused at trace time) and is reported as NONFINITE, not raised (see above).
         return core._Problem(A, b, self.solver, x0, maxiter, rtol, atol, M, self.on_failure,
-                             1, {})
+                             1, {}, check_finite=False)
 
     def forward_host(self, params: dict, constants: tuple, m_params: dict,
                      m_constants: tuple, b: Any, x0: Any, controls: Any) -> tuple:
@@ -174,6 +214,7 @@ class _Bridge:
     def backward_host(self, params: dict, constants: tuple, m_params: dict,
                       m_constants: tuple, b: Any, x0: Any, controls: Any, x: Any,
                       x_bar: Any) -> tuple:
+        """``(b_bar, params_bar)``, and ``x0_bar`` last in unrolled mode."""
         problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
         if self.adjoint == "unrolled":
             run = problem.run(keep_tape=True)
@@ -188,7 +229,10 @@ class _Bridge:
         params_bar = self.A.param_cotangents(cotangents.A, params, constants) if params else {}
         params_bar = {k: xp.asarray(v, dtype=params[k].dtype).reshape(params[k].shape)
                       for k, v in params_bar.items()}
-        return xp.asarray(cotangents.b, dtype=self.dtype).reshape(self.n), params_bar
+        b_bar = xp.asarray(cotangents.b, dtype=self.dtype).reshape(self.n)
+        if self.adjoint == "unrolled":
+            return b_bar, params_bar, xp.asarray(cotangents.x0, dtype=self.dtype).reshape(self.n)
+        return b_bar, params_bar
 
     # -- device side ----------------------------------------------------------------------------
     def result_shapes(self) -> tuple:
@@ -218,16 +262,46 @@ class _Bridge:
 
         def bwd(residuals: tuple, cotangents: tuple) -> tuple:
             params, constants, m_params, m_constants, b, x0, controls, x = residuals
-            shapes = (jax.ShapeDtypeStruct((self.n,), self.dtype),
+            vector = jax.ShapeDtypeStruct((self.n,), self.dtype)
+            shapes = (vector,
                       {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in params.items()})
-            b_bar, params_bar = self.transport(
+            if self.adjoint == "unrolled":
+                shapes = (*shapes, vector)
+            out = self.transport(
                 self.backward_host, shapes, params, constants, m_params, m_constants, b, x0,
                 controls, x, cotangents[0], vmap_method="sequential")
+            b_bar, params_bar = out[:2]
+            # Implicit: x0 has no cotangent (None is JAX's zero), as on the native path.
+            x0_bar = out[2] if self.adjoint == "unrolled" else None
             none = jax.tree_util.tree_map(lambda _: None, (constants, m_params, m_constants))
-            return (params_bar, *none, b_bar, None, None)
+            return (params_bar, *none, b_bar, x0_bar, None)
 
         solve_fn.defvjp(fwd, bwd)
         return solve_fn
+
+
+def empty_solve(b_in: Any, dtype: Any, history_size: int | None, return_result: bool,
+                solver: IterativeSolver) -> Any:
+    """``prdp_ops.backends.jax.solve`` of an empty system (``n = 0``), native and bridged.
+
+    The empty vector solves it exactly, in 0 iterations, so no solver runs (a Krylov
+    recurrence would index its first basis vector, a max-norm of an empty cotangent has no
+    identity). ``x`` depends on nothing, so every cotangent is an empty zero. The result
+    has the shapes a solve would have: ``history_size + 1`` residual norms (0, then NaN),
+    or ``[initial, final]``.
+    """
+    x = jnp.zeros(jnp.shape(b_in), dtype)
+    if not return_result:
+        return x
+    from prdp_ops.backends import jax as pj
+
+    real = jnp.finfo(dtype).dtype
+    history = (jnp.zeros(2, real) if history_size is None
+               else jnp.full(history_size + 1, jnp.nan, real).at[0].set(0))
+    return x, pj.JaxSolveResult(x, jnp.asarray(True), jnp.asarray(0, jnp.int32), history,
+                                jnp.asarray(driver.STATUSES.index(po.Status.CONVERGED),
+                                            jnp.int32),
+                                solver.name or type(solver).__name__)
 
 
 def _encode(result: po.SolveResult, history_size: int | None) -> tuple:
@@ -286,7 +360,7 @@ def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: A
             "adjoint='implicit'"
         )
     b_in = b if hasattr(b, "shape") else jnp.asarray(b)
-    host_A = _host_operator(A, "A")
+    host_A = _host_operator(A, "A", probe=backend == "numpy")
     if host_A.shape[0] != host_A.shape[1]:
         raise ValueError(
             f"A must be square for a linear solve; got shape {host_A.shape}. For a "
@@ -302,12 +376,14 @@ def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: A
     if M is not None:
         if not solver.supports_preconditioner:
             raise ValueError(f"solver {solver.name!r} takes no preconditioner M")
-        host_M = _host_operator(M, "M")
+        host_M = _host_operator(M, "M", probe=backend == "numpy")
     maxiter = 10 * n if maxiter is None else pj._count(maxiter, "maxiter")
     controls = jnp.stack([c.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
                           for c in pj._controls(maxiter, rtol, atol, adjoint_maxiter,
                                                 adjoint_rtol, adjoint_atol)])
     history_size = None if pj._is_traced(maxiter) or not return_result else maxiter
+    if n == 0:
+        return empty_solve(b_in, dtype, history_size, return_result, solver)
     bridge = _Bridge(host_A, host_M, solver, adjoint_solver, adjoint, on_failure, n, dtype,
                      history_size, transport, adjoint_callback)
     m_params = {} if host_M is None else host_M.params
@@ -315,7 +391,15 @@ def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: A
     args = (host_A.params, host_A.constants, m_params, m_constants, b, x0, controls)
     if adjoint == "none":
         args = jax.lax.stop_gradient(args)
-    x, iterations, status, history = bridge.function()(*args)
+    if backend == "numpy" and not any(pj._is_traced(a) for a in jax.tree_util.tree_leaves(args)):
+        # Nothing to trace or differentiate: the host function runs directly, so that under
+        # on_failure="raise" the caller gets the SolverError itself, as from a native eager
+        # solve (through a callback it would be an opaque JaxRuntimeError).
+        out = bridge.forward_host(*jax.tree_util.tree_map(np.asarray, args))
+        x, iterations, status, history = (jnp.asarray(o, s.dtype) for o, s in
+                                          zip(out, bridge.result_shapes(), strict=True))
+    else:
+        x, iterations, status, history = bridge.function()(*args)
     x = x.reshape(jnp.shape(b_in))
     if not return_result:
         return x
