@@ -1,0 +1,267 @@
+"""The README cannot rot: every Python block in it runs, and its shell commands are real.
+
+The rule (stated at the top of the README's tour): the ```python blocks run top to bottom in
+one namespace, each using what the blocks before it defined. The training-loop sketch leaves
+its model and data to the reader; the names it says are the reader's are filled here with
+tiny, real objects (a two-layer MLP on one state, a 1D Laplacian stencil, two epochs of
+``(u0, target)`` batches), so the sketch actually trains.
+
+The ```bash blocks are not run (they install packages); instead the test command is checked
+to be exactly what ``.ci/run`` runs, and the main job's script, flags and extras to exist.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+#: The sentence of the tour that names the sketch's free names.
+SKETCH_RULE = "The training-loop sketch leaves its model and data to you:"
+EPOCHS = 2
+
+
+def fenced_blocks(text: str, language: str) -> list[str]:
+    """The bodies of the ```language blocks of ``text``, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+PYTHON_BLOCKS = fenced_blocks(README, "python")
+
+
+def sketch_index() -> int:
+    """Index of the training-loop sketch among the Python blocks (the one with the loop)."""
+    found = [i for i, block in enumerate(PYTHON_BLOCKS)
+             if "PRDPController(" in block and "for epoch in range(epochs)" in block]
+    assert len(found) == 1, f"expected one training-loop sketch in README.md, found {found}"
+    return found[0]
+
+
+def declared_sketch_names() -> set[str]:
+    """The names the README's tour says the sketch leaves to the reader."""
+    paragraphs = [p for p in README.split("\n\n") if SKETCH_RULE in p]
+    assert len(paragraphs) == 1, f"README.md's tour must state the rule: {SKETCH_RULE!r}"
+    sentence = paragraphs[0].split(SKETCH_RULE, 1)[1].split("(", 1)[0]
+    return set(re.findall(r"`([A-Za-z_]\w*)`", sentence))
+
+
+def names_used(block: str) -> set[str]:
+    """Every identifier a block reads."""
+    return {node.id for node in ast.walk(ast.parse(block))
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)}
+
+
+# ---------------------------------------------------------------------------- the fixture
+
+
+class SketchWorld:
+    """The reader's side of the training-loop sketch, tiny and real, with what it observed."""
+
+    n, width, batch = 16, 32, 4
+
+    def __init__(self) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        import prdp_ops as po
+
+        n, width = self.n, self.width
+        # A: the 1D negative Laplacian (Dirichlet, unit spacing): diagonal 2, SPD, and
+        # Jacobi contracts on it, so P_K approaches A^-1 as K grows.
+        self.A = po.LaplacianStencil(n)
+        dense = np.diag(2.0 * np.ones(n)) - np.diag(np.ones(n - 1), 1) - np.diag(
+            np.ones(n - 1), -1)
+        np.testing.assert_allclose(self.A.matmat(np.eye(n)), dense)
+        rng = np.random.default_rng(0)
+        # The task: P_K(net(u0)) should match A^-1 u0 (so the ideal network is the identity).
+        u0 = rng.standard_normal((3 * self.batch, n))
+        target = np.linalg.solve(dense, u0.T).T
+        self.batches = [(jnp.asarray(u0[i:i + self.batch]), jnp.asarray(target[i:i + self.batch]))
+                        for i in range(0, len(u0), self.batch)]
+        val_u0 = rng.standard_normal((4, n))
+        self.val_u0 = jnp.asarray(val_u0)
+        self.val_target = jnp.asarray(np.linalg.solve(dense, val_u0.T).T)
+        self.dense = jnp.asarray(dense)
+        key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+        self.params0 = {"w1": jax.random.normal(key1, (n, width)) / np.sqrt(n),
+                        "b1": jnp.zeros(width),
+                        "w2": jax.random.normal(key2, (width, n)) / np.sqrt(width),
+                        "b2": jnp.zeros(n)}
+        self.states_seen: list[tuple[int, ...]] = []
+        self.validation_errors: list[float] = []
+
+    def apply_net(self, params: dict[str, Any], u: Any) -> Any:
+        """A two-layer MLP on one state ``(n,)``, as the README's sketch says."""
+        import jax.numpy as jnp
+
+        self.states_seen.append(tuple(u.shape))
+        hidden = jnp.tanh(u @ params["w1"] + params["b1"])
+        return hidden @ params["w2"] + params["b2"]
+
+    def validation_error(self, params: dict[str, Any]) -> float:
+        """The converged (dense, exact) solve of the network's output against the targets:
+        independent of the controller's K."""
+        import jax
+        import jax.numpy as jnp
+
+        prediction = jax.vmap(self.apply_net, (None, 0))(params, self.val_u0)
+        solved = jnp.linalg.solve(self.dense, prediction.T).T
+        error = float(jnp.mean((solved - self.val_target) ** 2))
+        self.validation_errors.append(error)
+        return error
+
+    def names(self) -> dict[str, Any]:
+        """What the sketch leaves to the reader, by name."""
+        return {"params": self.params0, "apply_net": self.apply_net, "A": self.A,
+                "batches": self.batches, "epochs": EPOCHS,
+                "validation_error": self.validation_error}
+
+
+@pytest.fixture
+def sketch_world() -> SketchWorld:
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    return SketchWorld()
+
+
+# ---------------------------------------------------------------------------- python blocks
+
+
+def test_readme_has_the_blocks_this_test_expects():
+    assert len(PYTHON_BLOCKS) >= 3
+    assert sketch_index() == len(PYTHON_BLOCKS) - 1, "the sketch is the tour's last block"
+    for block in PYTHON_BLOCKS:
+        ast.parse(block)  # a syntax error names the block in the failure
+
+
+def test_the_sketch_names_are_declared_and_used(sketch_world):
+    declared = declared_sketch_names()
+    assert declared == set(sketch_world.names()), (
+        "README.md's tour and this test's fixture must name the same free names of the "
+        "training-loop sketch")
+    unused = declared - names_used(PYTHON_BLOCKS[sketch_index()])
+    assert not unused, f"README.md declares names the sketch does not use: {sorted(unused)}"
+
+
+def test_every_python_block_runs_in_order(sketch_world):
+    import jax
+    import jax.numpy as jnp
+
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    sketch = sketch_index()
+    for i, block in enumerate(PYTHON_BLOCKS):
+        if i == sketch:
+            namespace.update(sketch_world.names())
+        first_line = block.strip().splitlines()[0]
+        code = compile(block, f"README.md python block {i + 1} ({first_line})", "exec")
+        exec(code, namespace)
+
+    # The tour's results are what it says they are.
+    assert namespace["result"].converged
+    assert namespace["dc"].shape == (32, 32) and bool(jnp.all(jnp.isfinite(namespace["dc"])))
+
+    # The sketch trained: every epoch ran and was checked, the network saw one state at a
+    # time (the README vmaps), and the controller gave an iteration count it can use.
+    controller = namespace["controller"]
+    assert namespace["epoch"] == EPOCHS - 1
+    assert len(sketch_world.validation_errors) == EPOCHS
+    assert all(math.isfinite(e) for e in sketch_world.validation_errors)
+    assert set(sketch_world.states_seen) == {(SketchWorld.n,)}
+    assert namespace["decision"] in ("refine", "hold", "stop")
+    assert isinstance(controller.k, int) and controller.k >= 1
+    params, params0 = namespace["params"], sketch_world.params0
+    assert not np.allclose(params["w1"], params0["w1"]), "the loop did not update params"
+    # The sketch's train_step descends: a few more steps on one batch lower its loss.
+    u0, target = sketch_world.batches[0]
+    opt_state = namespace["opt_state"]
+    losses = []
+    for _ in range(30):
+        params, opt_state, value = namespace["train_step"](params, opt_state, u0, target,
+                                                           jnp.asarray(5))
+        losses.append(float(value))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.9 * losses[0]
+    jax.block_until_ready(params)
+
+
+# ---------------------------------------------------------------------------- shell blocks
+
+
+def two_commands_section() -> str:
+    return README.split("## Two commands on a fresh machine", 1)[1].split("\n## ", 1)[0]
+
+
+def bash_after(marker: str) -> str:
+    """The first ```bash block after ``marker``, its lines joined by ``&&``."""
+    section = two_commands_section()
+    assert marker in section, f"README.md's two-commands section lost {marker!r}"
+    block = fenced_blocks(section.split(marker, 1)[1], "bash")[0]
+    return " && ".join(line.strip() for line in block.splitlines() if line.strip())
+
+
+def ci_commands() -> list[str]:
+    """What ``.ci/run`` runs, after its shell set-up (``set``, ``cd``, comments)."""
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines
+            if line.strip() and not line.lstrip().startswith(("#", "set ", "cd "))]
+
+
+def test_the_two_commands_section_has_two_commands():
+    assert len(fenced_blocks(two_commands_section(), "bash")) == 2
+
+
+def test_readme_test_command_is_exactly_what_ci_runs():
+    readme = bash_after("this is exactly what CI runs")
+    ci = " && ".join(ci_commands())
+    assert readme == ci, (f"README.md's test command\n  {readme}\nand what .ci/run runs\n  {ci}\n"
+                          "must agree")
+
+
+def extras(command: str) -> set[str]:
+    found = re.findall(r'pip install -q -e "\.\[([\w,]+)\]"', command)
+    assert found, f"no pip install -e .[extras] in {command!r}"
+    return set(found[0].split(","))
+
+
+def optional_dependencies() -> set[str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return set(pyproject["project"]["optional-dependencies"])
+
+
+def test_readme_commands_install_extras_that_exist():
+    for marker in ("Install and run the main job", "this is exactly what CI runs"):
+        assert extras(bash_after(marker)) <= optional_dependencies()
+
+
+def test_the_main_job_script_and_flags_exist():
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    command = bash_after("Install and run the main job").split(" && ")[-1].split()
+    assert command[0] == "python"
+    script = ROOT / command[1]
+    assert script.is_file(), f"README.md runs {command[1]}, which does not exist"
+    sys.path.insert(0, str(script.parent))
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("readme_main_job", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        args = module.parse_args(command[2:])  # an unknown flag exits with status 2
+    finally:
+        sys.path.remove(str(script.parent))
+    # "writes a plot to out/"
+    assert "writes a plot to `out/`" in two_commands_section()
+    assert args.out.parent == Path("out")
