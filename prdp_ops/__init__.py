@@ -40,3 +40,33 @@ for _name, _cls in [("cg", CG), ("bicgstab", BiCGSTAB), ("gmres", GMRES), ("jaco
 del _name, _cls
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CG",
+    "GMRES",
+    "SOR",
+    "BiCGSTAB",
+    "Cotangents",
+    "DenseOperator",
+    "DiffusionStencil",
+    "FunctionOperator",
+    "IterativeSolver",
+    "Jacobi",
+    "LaplacianStencil",
+    "LinearOperator",
+    "MatrixFreeError",
+    "PRDPController",
+    "Richardson",
+    "ScipyLinearOperator",
+    "SolveResult",
+    "SolverError",
+    "SparseOperator",
+    "Status",
+    "SteepestDescent",
+    "aslinearoperator",
+    "available_solvers",
+    "get_solver",
+    "register_solver",
+    "solve",
+    "solve_vjp",
+]

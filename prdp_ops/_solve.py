@@ -279,6 +279,13 @@ def solve(
         operator, NaN or inf in ``b`` or ``x0``, an unknown solver, a bad ``maxiter``,
         tolerance, ``on_failure`` or ``callback``. A matvec function that returns the wrong
         shape raises a ValueError when first called.
+
+    See Also
+    --------
+    prdp_ops.solve_vjp : the same solve plus a ``vjp`` for gradients w.r.t. ``b`` and ``A``
+        (implicit or unrolled adjoint), on NumPy and CuPy.
+    prdp_ops.backends.jax.solve : the solve as a JAX function, differentiable with
+        ``jax.grad`` under ``jit`` and ``vmap``.
     """
     callback = _check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,

@@ -265,3 +265,57 @@ def test_the_main_job_script_and_flags_exist():
     # "writes a plot to out/"
     assert "writes a plot to `out/`" in two_commands_section()
     assert args.out.parent == Path("out")
+
+
+# ---------------------------------------------------------------------------- public surface
+
+#: The names DESIGN.md's "Public names" section promises on ``prdp_ops``.
+CONTRACT_NAMES = {"LinearOperator", "aslinearoperator", "IterativeSolver", "register_solver",
+                  "get_solver", "available_solvers", "solve", "solve_vjp", "PRDPController",
+                  "SolveResult", "Cotangents"}
+
+
+def test_all_lists_every_public_name_and_the_contract():
+    import inspect
+
+    import prdp_ops as po
+
+    assert len(po.__all__) == len(set(po.__all__)), "duplicates in prdp_ops.__all__"
+    missing = [name for name in po.__all__ if not hasattr(po, name)]
+    assert not missing, f"prdp_ops.__all__ names what prdp_ops lacks: {missing}"
+    public = {name for name in dir(po)
+              if not name.startswith("_") and not inspect.ismodule(getattr(po, name))}
+    assert public == set(po.__all__), (
+        f"public names not in __all__: {sorted(public - set(po.__all__))}")
+    assert set(po.__all__) >= CONTRACT_NAMES
+    # Every po.<name> the README uses is exported.
+    used = set(re.findall(r"\bpo\.([A-Za-z_]\w*)", README))
+    assert used <= set(po.__all__), f"README.md uses {sorted(used - set(po.__all__))}"
+
+
+def test_solve_result_repr_is_one_line_summary():
+    import prdp_ops as po
+
+    n = 2000
+    A = np.diag(np.full(n, 2.0)) - np.diag(np.ones(n - 1), 1) - np.diag(np.ones(n - 1), -1)
+    result = po.solve(A, np.ones(n), "cg", rtol=1e-8, maxiter=3)
+    text = repr(result)
+    assert "\n" not in text
+    assert len(text) < 300, text
+    assert text.startswith("SolveResult(")
+    assert "iterations=3" in text and f"shape=({n},)" in text
+    assert "..." not in text and "[" not in text  # no array printed, not even abbreviated
+
+
+def test_help_of_solve_points_to_the_gradient_entry_points():
+    import importlib
+    import pydoc
+
+    import prdp_ops as po
+
+    text = pydoc.render_doc(po.solve, renderer=pydoc.plaintext)
+    assert "prdp_ops.solve_vjp" in text
+    assert "prdp_ops.backends.jax.solve" in text
+    assert callable(po.solve_vjp)
+    pytest.importorskip("jax")
+    assert callable(importlib.import_module("prdp_ops.backends.jax").solve)
