@@ -385,7 +385,7 @@ def test_state_dict_is_plain_json_with_no_infinity():
     text = json.dumps(state, allow_nan=False)  # raises on inf/nan
     assert json.loads(text) == state
     assert state["checkpoint"] is None
-    assert type(state["history"][0]["loss"]) is float
+    assert type(state["history"]["loss"][0]) is float
 
 
 def test_load_state_dict_rejects_other_hyperparameters():
@@ -402,7 +402,7 @@ def test_load_state_dict_rejects_other_hyperparameters():
     [
         (lambda s: s.pop("k"), "missing keys"),
         (lambda s: s.update(k=1000), "exceeds its cap"),
-        (lambda s: s.update(k=0), "k must be an integer"),
+        (lambda s: s.update(k=0), r"state\['k'\] must be an integer"),
         (lambda s: s.update(recent_emas=[1.0]), "recent_emas"),
         (lambda s: s.update(recent_emas=[1.0, float("nan"), 1.0]), "finite"),
         (lambda s: s.update(history=[]), "history"),
@@ -433,7 +433,7 @@ def test_load_state_dict_does_not_alias_the_input():
     state = controller.state_dict()
     other = po.PRDPController()
     other.load_state_dict(state)
-    state["history"][0]["loss"] = 123.0
+    state["history"]["loss"][0] = 123.0
     assert other.history[0]["loss"] == 1.0
 
 

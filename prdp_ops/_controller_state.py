@@ -1,0 +1,333 @@
+"""Saving and restoring a :class:`~prdp_ops.PRDPController`: ``state_dict`` and its parser.
+
+A state (format ``"prdp_ops.PRDPController"``, version 2) is a dict of JSON-serialisable plain
+values in two parts:
+
+- the **resume state**, O(1) in the number of checks and enough to continue exactly:
+  ``hyperparameters`` (the constructor arguments, resolved), ``checks``, ``recent_emas`` (the
+  last ``min(checks, lookback)`` averages), ``k``, ``k_adjoint``, ``checkpoint`` (``None``
+  before the first refinement, as JSON has no infinity), ``stopped`` and ``solver_converged``;
+- the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
+  columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 45 bytes of JSON
+  per check kept (at most ``history_limit`` of them).
+
+:func:`parse_state` checks every field, and the history against the resume state, before
+anything is changed. It also reads version-1 states, whose history is a list of entry dicts.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from array import array
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._controller_columns import ColumnError, as_list, decode_json, describe
+from prdp_ops._controller_history import ROW_KEYS, History, converged, run_lengths
+from prdp_ops._controller_rule import (
+    DECISION_OF,
+    REASON_CODE,
+    REASONS,
+    REFINE_REASONS,
+    ControllerState,
+    Hyperparameters,
+)
+
+__all__ = ["STATE_FORMAT", "STATE_VERSION", "encode_state", "parse_state"]
+
+STATE_FORMAT = "prdp_ops.PRDPController"
+STATE_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+_STATE_KEYS = frozenset(
+    {"format", "version", "hyperparameters", "checks", "recent_emas", "k", "k_adjoint",
+     "checkpoint", "stopped", "solver_converged", "history"}
+)
+# Settings that shape only the bookkeeping, not the decisions: a state may be loaded into a
+# controller whose value differs (the loaded history is then cut to this controller's limit).
+_BOOKKEEPING = ("history_limit",)
+_REFINE_CODES = [REASON_CODE[reason] for reason in REFINE_REASONS]
+_PLATEAU_REASONS = ("improved", "worsened", "no gain", "at k_max", "solver converged")
+_FIX_STATE = ("Pass a dict returned by PRDPController.state_dict() unmodified (a json.dumps/"
+              "json.loads round trip is fine).")
+_FIX_HISTORY = ("The saved history is corrupt: set state['history'] = None to resume without "
+                "it (the decisions stay exact), or restore an intact copy.")
+
+
+def encode_state(
+    hyperparameters: Mapping[str, Any], state: ControllerState, history: History | None
+) -> dict[str, Any]:
+    """The version-2 state dict of ``state`` and, unless ``None``, ``history``."""
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "hyperparameters": dict(hyperparameters),
+        "checks": state.checks,
+        "recent_emas": list(state.recent_emas),
+        "k": state.k,
+        "k_adjoint": state.k_adjoint,
+        "checkpoint": None if math.isinf(state.checkpoint) else state.checkpoint,
+        "stopped": state.stopped,
+        "solver_converged": state.solver_converged,
+        "history": None if history is None else history.to_json(),
+    }
+
+
+def _error(field: str, message: str, fix: str = _FIX_STATE) -> ValueError:
+    return ValueError(f"PRDPController.load_state_dict: {field} {message} {fix}")
+
+
+def _received(value: Any) -> str:
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:60] + "..."
+    return f"received {text} ({type(value).__name__})."
+
+
+def _int_field(saved: Mapping[str, Any], name: str, minimum: int) -> int:
+    value = saved[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _error(f"state[{name!r}]", f"must be an integer >= {minimum}; {_received(value)}")
+    return value
+
+
+def _number(field: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+            or not (math.isfinite(value) and value >= 0)):
+        raise _error(field, f"must be a finite number >= 0; {_received(value)}")
+    return float(value)
+
+
+def _check_hyperparameters(
+    saved: Any, version: int, hyperparameters: Mapping[str, Any]
+) -> None:
+    """Refuse a state saved by a controller with a different rule."""
+    expected = {name: value for name, value in hyperparameters.items()
+                if version > 1 or name not in _BOOKKEEPING}
+    if not isinstance(saved, Mapping):
+        raise _error("state['hyperparameters']", f"must be a dict; {_received(saved)}")
+    if set(saved) != set(expected):
+        raise _error("state['hyperparameters']", f"must have the keys {sorted(expected)}; "
+                     f"received {sorted(map(str, saved))}.")
+    limit = saved.get("history_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise _error("state['hyperparameters']['history_limit']",
+                     f"must be None or an integer >= 0; {_received(limit)}")
+    differing = sorted(name for name in expected
+                       if name not in _BOOKKEEPING and saved[name] != expected[name])
+    if differing:
+        raise _error(
+            "state['hyperparameters']",
+            f"differ from this controller's in {differing} (saved "
+            f"{[saved[name] for name in differing]}, this controller "
+            f"{[expected[name] for name in differing]}).",
+            "Construct the controller with the saved hyperparameters: "
+            "PRDPController(**state['hyperparameters']).",
+        )
+
+
+def _count(saved: Mapping[str, Any], name: str, minimum: int, step: int,
+           cap: int | None) -> int:
+    """A saved iteration count, which must be one the schedule can reach."""
+    value = _int_field(saved, name, minimum)
+    if cap is not None and value > cap:
+        raise _error(f"state[{name!r}]", f"= {value} exceeds its cap {cap}.")
+    if value != cap and (value - minimum) % step:
+        raise _error(f"state[{name!r}]", f"= {value} is not reachable from {minimum} in steps "
+                     f"of {step} (nor the cap {cap}).")
+    return value
+
+
+def parse_state(
+    saved: Any, hp: Hyperparameters, history_limit: int | None
+) -> tuple[ControllerState, History]:
+    """Validate a state from ``state_dict()`` for a controller with settings ``hp`` and
+    ``history_limit``; return the resume state and the history to continue with.
+
+    Raises
+    ------
+    TypeError
+        When ``saved`` is not a mapping.
+    ValueError
+        Naming the first bad field, what was received and what to do.
+    """
+    if not isinstance(saved, Mapping):
+        raise TypeError("PRDPController.load_state_dict: state must be a dict from "
+                        f"state_dict(); received {type(saved).__name__}.")
+    keys = set(saved)
+    if keys != _STATE_KEYS:
+        missing, unknown = sorted(_STATE_KEYS - keys), sorted(map(str, keys - _STATE_KEYS))
+        raise _error("state", f"is not a PRDPController state (missing keys {missing}, "
+                     f"unknown keys {unknown}).")
+    version = saved["version"]
+    if saved["format"] != STATE_FORMAT or version not in _READABLE_VERSIONS:
+        raise _error("state", f"has the unsupported format {saved['format']!r} version "
+                     f"{version!r}; expected {STATE_FORMAT!r} version "
+                     f"{' or '.join(map(str, _READABLE_VERSIONS))}.")
+    _check_hyperparameters(saved["hyperparameters"], version,
+                           {**hp.as_dict(), "history_limit": history_limit})
+    checks = _int_field(saved, "checks", 0)
+    k = _count(saved, "k", hp.k_min, hp.k_step, hp.k_max)
+    k_adjoint = _count(saved, "k_adjoint", hp.k_adjoint_min, hp.k_adjoint_step,
+                       hp.k_adjoint_max)
+    recent = saved["recent_emas"]
+    kept = min(checks, hp.lookback)
+    if not isinstance(recent, (list, tuple)) or len(recent) != kept:
+        raise _error("state['recent_emas']", f"must be a list of min(checks, lookback) = {kept} "
+                     f"averages; {_received(recent)}")
+    recent_emas = tuple(_number(f"state['recent_emas'][{i}]", v) for i, v in enumerate(recent))
+    checkpoint = saved["checkpoint"]
+    checkpoint = math.inf if checkpoint is None else _number("state['checkpoint']", checkpoint)
+    # Every refinement changes a count (a due one at both caps is held), and only a refinement
+    # sets the checkpoint: "no checkpoint" is exactly "both counts at their minimum".
+    if math.isinf(checkpoint) != ((k, k_adjoint) == (hp.k_min, hp.k_adjoint_min)):
+        raise _error("state['checkpoint']", f"= {saved['checkpoint']!r} contradicts k = {k}, "
+                     f"k_adjoint = {k_adjoint} (None exactly while both are at their minimum).")
+    flags = {}
+    for name in ("stopped", "solver_converged"):
+        if not isinstance(saved[name], bool):
+            raise _error(f"state[{name!r}]", f"must be True or False; {_received(saved[name])}")
+        flags[name] = saved[name]
+    state = ControllerState(checks=checks, recent_emas=recent_emas, k=k, k_adjoint=k_adjoint,
+                            checkpoint=checkpoint, **flags)
+    return state, _parse_history(saved["history"], version, hp, history_limit, state)
+
+
+def _parse_history(
+    saved: Any, version: int, hp: Hyperparameters, limit: int | None, state: ControllerState
+) -> History:
+    if saved is None:  # resumed without a history: it restarts at the next check
+        return History(hp, limit, next_check=state.checks)
+    try:
+        if version == 1:  # a list of entry dicts, one per check since the start
+            if not isinstance(saved, Sequence) or len(saved) != state.checks:
+                raise ColumnError((), f"must be a list of `checks` = {state.checks} entries; "
+                                      f"received {describe(saved)}.")
+            saved_rows, saved = saved, _rows_to_json(saved, 0)
+        columns, first = decode_json(saved, expected_end=state.checks)
+        _check_history(columns, first, hp, state)
+        if version == 1:
+            derived = History.from_columns(columns, hp, None, state.checks).rows()
+            for index, (entry, expected) in enumerate(zip(saved_rows, derived, strict=True)):
+                for key in ROW_KEYS:
+                    if entry[key] != expected[key]:
+                        raise ColumnError((index, key), f"= {entry[key]!r} contradicts the rest "
+                                                        f"of the entry, which gives "
+                                                        f"{expected[key]!r}.")
+    except ColumnError as error:
+        raise _error(ColumnError.render("state['history']", error.path), error.detail,
+                     _FIX_HISTORY) from None
+    # A longer saved history than this controller keeps: the most recent entries.
+    return History.from_columns(columns, hp, limit, state.checks)
+
+
+def _rows_to_json(rows: Any, first_check: int) -> dict[str, Any]:
+    """The version-2 form of a version-1 history (a list of entry dicts with the keys
+    :data:`ROW_KEYS`) that starts at check ``first_check``. Only the stored fields are taken:
+    :func:`_parse_history` compares the derived ones with :meth:`History.rows`."""
+    rows = as_list((), rows, None)
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping) or set(row) != set(ROW_KEYS):
+            raise ColumnError((index,), f"must be a dict with the keys {list(ROW_KEYS)}; "
+                                        f"received {describe(row)}.")
+        if not isinstance(row["reason"], str) or row["reason"] not in REASON_CODE:
+            raise ColumnError((index, "reason"), f"must be one of {list(REASONS)}; received "
+                                                 f"{describe(row['reason'])}.")
+
+    def column(key: str) -> list[Any]:
+        return [row[key] for row in rows]
+
+    return {
+        "first_check": first_check, "reasons": list(REASONS), "loss": column("loss"),
+        "ema": column("ema"), "residual": column("residual"),
+        "reason": [REASON_CODE[row["reason"]] for row in rows], "plateau": column("plateau"),
+        "k": run_lengths(column("k")), "k_adjoint": run_lengths(column("k_adjoint")),
+        "checkpoint": run_lengths(column("checkpoint")),
+    }
+
+
+def _first(mask: np.ndarray) -> int | None:
+    indices = np.flatnonzero(mask)
+    return int(indices[0]) if indices.size else None
+
+
+def _check_history(
+    columns: Mapping[str, array], first: int, hp: Hyperparameters, state: ControllerState
+) -> None:
+    """The fields against the rule and the resume state (vectorised; O(n) in C).
+
+    Checks what a plot or :func:`cumulative_iterations` relies on: the counts change exactly
+    at refinements, by the configured steps, and end at the resume state's counts; reasons
+    agree with the warm-up, the plateau flag, the residual and the caps; the checkpoints
+    follow the refinements; the last averages are the resume state's.
+    """
+    length = len(columns["loss"])
+    if length == 0:
+        return
+    reason = np.frombuffer(columns["reason"], dtype=np.uint8)
+    plateau = np.frombuffer(columns["plateau"], dtype=np.uint8).astype(bool)
+    residual = np.frombuffer(columns["residual"], dtype=np.float64)
+    ema = np.frombuffer(columns["ema"], dtype=np.float64)
+    refine = np.isin(reason, _REFINE_CODES)
+
+    def check(mask: np.ndarray, field: str, message: Callable[[int], str]) -> None:
+        index = _first(mask)
+        if index is not None:
+            raise ColumnError((field, index), f"at check {first + index}: {message(index)}")
+
+    def reason_at(index: int) -> str:
+        return REASONS[reason[index]]
+
+    check((reason == REASON_CODE["warm-up"]) != (first + np.arange(length) < hp.lookback), "reason",
+          lambda i: f"reason {reason_at(i)!r} contradicts the warm-up, which is exactly the "
+                    f"first lookback = {hp.lookback} checks.")
+    needs = np.isin(reason, [REASON_CODE[name] for name in _PLATEAU_REASONS])
+    excludes = np.isin(reason, [REASON_CODE["warm-up"], REASON_CODE["no plateau"]])
+    check((needs & ~plateau) | (excludes & plateau), "plateau",
+          lambda i: f"plateau = {int(plateau[i])} contradicts the reason {reason_at(i)!r}.")
+    tol = -1.0 if hp.residual_tol is None else hp.residual_tol  # NaN (no residual) <= tol: False
+    check((reason == REASON_CODE["solver converged"]) & ~(residual <= tol), "reason",
+          lambda i: f"'solver converged' needs a residual <= residual_tol ({hp.residual_tol}); "
+                    f"the residual is {residual[i]}.")
+    below_cap = np.zeros(length, dtype=bool)
+    for name, minimum, step, cap, now in (
+        ("k", hp.k_min, hp.k_step, hp.k_max, state.k),
+        ("k_adjoint", hp.k_adjoint_min, hp.k_adjoint_step, hp.k_adjoint_max, state.k_adjoint),
+    ):
+        counts = np.frombuffer(columns[name], dtype=np.int64)
+        check(counts < minimum, name, lambda i, name=name, counts=counts, minimum=minimum: (
+            f"{name} = {counts[i]} is below its minimum {minimum}."))
+        stepped = counts + step if cap is None else np.minimum(counts + step, cap)
+        after = np.where(refine, stepped, counts)
+        following = np.append(counts[1:], now)
+        check(after != following, name,
+              lambda i, name=name, counts=counts, after=after, following=following: (
+                  f"{name} = {counts[i]} with decision {DECISION_OF[reason_at(i)]!r} leaves "
+                  f"{name} = {after[i]}, but "
+                  f"{'the resume state' if i == length - 1 else 'the next entry'} has "
+                  f"{name} = {following[i]}."))
+        below_cap |= stepped != counts
+    check((reason == REASON_CODE["at k_max"]) & below_cap, "reason",
+          lambda i: "reason 'at k_max' while k or k_adjoint is below its cap.")
+    checkpoint = np.frombuffer(columns["checkpoint"], dtype=np.float64)
+    check(np.where(refine, ema, checkpoint) != np.append(checkpoint[1:], state.checkpoint),
+          "checkpoint", lambda i: "the checkpoints do not follow the refinements (each "
+                                  "refinement makes its ema the next checkpoint).")
+    tail = min(length, len(state.recent_emas))
+    check(np.append(np.zeros(length - tail, dtype=bool),
+                    ema[length - tail:] != np.asarray(state.recent_emas[len(state.recent_emas)
+                                                                        - tail:])),
+          "ema", lambda i: "the last averages differ from the resume state's recent_emas.")
+    check((reason == REASON_CODE["stopped"]) & (not hp.latch), "reason",
+          lambda i: "reason 'stopped' needs latch=True.")
+    last = np.zeros(length, dtype=bool)
+    stopped = {"no gain": True, "stopped": True, "improved": False, "worsened": False}.get(
+        reason_at(length - 1))
+    last[-1] = stopped is not None and stopped != state.stopped
+    check(last, "reason", lambda i: f"the last reason {reason_at(i)!r} contradicts "
+                                    f"stopped = {state.stopped} of the resume state.")
+    last_residual = None if math.isnan(residual[-1]) else float(residual[-1])
+    last[-1] = converged(hp, last_residual) != state.solver_converged
+    check(last, "residual", lambda i: f"the last residual contradicts solver_converged = "
+                                      f"{state.solver_converged} of the resume state.")
