@@ -62,10 +62,11 @@ State, history and persistence
 The rule is a pure function of validated hyperparameters and a plain O(1) state
 (:mod:`prdp_ops._controller_rule`, after optax's ``reduce_on_plateau``). Besides that state the
 controller keeps a **history** for plots (:mod:`prdp_ops._controller_history`): compact
-columns of about 50 bytes per check in memory, all checks by default or the last
-``history_limit``. :meth:`PRDPController.state_dict` returns the O(1) resume state plus,
-unless ``include_history=False``, that history as JSON columns (about 45 bytes per check);
-:meth:`PRDPController.load_state_dict` validates both (:mod:`prdp_ops._controller_state`).
+columns of 50 bytes per check in memory, all checks by default or the last
+``history_limit``. :meth:`PRDPController.state_dict` returns the O(1) resume state (under
+1 kB) plus, unless ``include_history=False``, that history as JSON columns (about 50 bytes
+per check, 65 with residuals); :meth:`PRDPController.load_state_dict` validates both, each
+field and the history against the resume state (:mod:`prdp_ops._controller_state`).
 The decisions after a load are the ones an uninterrupted run makes, with or without the
 history.
 """
@@ -307,7 +308,7 @@ class PRDPController:
         Parameters
         ----------
         include_history : bool, default True
-            Also save :attr:`history` (the kept checks), as JSON columns of about 45 bytes per
+            Also save :attr:`history` (the kept checks), as JSON columns of about 50 bytes per
             check. ``False`` saves only the resume state, whose size does not grow with the
             number of checks (under 1 kB); the decisions after a load are the same either way.
 

@@ -59,7 +59,7 @@ def as_list(
         raise ColumnError(path, f"must be a list; received {describe(values)}.")
     if length is not None and len(values) != length:
         raise ColumnError(path, f"must have {length} entries (one per check, like `loss`); "
-                                 f"received {len(values)}.")
+                                f"received {len(values)}.")
     return values
 
 
@@ -101,7 +101,7 @@ def _float_column(
     index = next(i for i, value in enumerate(values) if not is_number(value, optional))
     allowed = "a finite number >= 0" + (" or None" if optional else "")
     raise ColumnError((*path, index), f"must be {allowed}; received "
-                                           f"{describe(values[index])}.")
+                                      f"{describe(values[index])}.")
 
 
 def _code_column(
@@ -121,20 +121,20 @@ def _code_column(
     index = next(i for i, value in enumerate(values)
                  if type(value) not in kinds or not 0 <= value < bound)
     raise ColumnError((*path, index), f"must be {meaning}; received "
-                                           f"{describe(values[index])}.")
+                                      f"{describe(values[index])}.")
 
 
 def _count_value(path: tuple[Any, ...], value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64_MAX:
         raise ColumnError(path, f"must be an iteration count (an integer >= 1); received "
-                                 f"{describe(value)}.")
+                                f"{describe(value)}.")
     return value
 
 
 def _checkpoint_value(path: tuple[Any, ...], value: Any) -> float:
     if not is_number(value, optional=True):
         raise ColumnError(path, f"must be a finite number >= 0 or None (no refinement yet); "
-                                 f"received {describe(value)}.")
+                                f"received {describe(value)}.")
     return math.inf if value is None else float(value)
 
 
@@ -145,18 +145,18 @@ def _run_column(path: tuple[Any, ...], runs: Any, length: int, typecode: str,
     for index, pair in enumerate(as_list(path, runs, None)):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ColumnError((*path, index), f"must be a [value, run length] pair; "
-                                                   f"received {describe(pair)}.")
+                                              f"received {describe(pair)}.")
         value, run = value_of((*path, index, 0), pair[0]), pair[1]
         if isinstance(run, bool) or not isinstance(run, int) or run < 1:
             raise ColumnError((*path, index, 1), f"must be a run length (an integer "
-                                                      f">= 1); received {describe(run)}.")
+                                                 f">= 1); received {describe(run)}.")
         total += run
         if total > length:  # checked before expanding, so a huge run cannot exhaust memory
             break
         column.extend(array(typecode, [value]) * run)
     if total != length:
         raise ColumnError(path, f"run lengths must add up to the {length} checks of `loss`; "
-                                 f"they add up to {total}.")
+                                f"they add up to {total}.")
     return column
 
 
@@ -171,7 +171,7 @@ def decode_json(data: Any, expected_end: int | None = None) -> tuple[dict[str, a
                               f"state_dict() saves it); received {keys}.")
     if not isinstance(data["reasons"], (list, tuple)) or list(data["reasons"]) != list(REASONS):
         raise ColumnError(("reasons",), f"must be the legend {list(REASONS)}; received "
-                                     f"{describe(data['reasons'])}.")
+                                        f"{describe(data['reasons'])}.")
     first = data["first_check"]
     if isinstance(first, bool) or not isinstance(first, int) or first < 0:
         raise ColumnError(("first_check",), f"must be an integer >= 0; received "
@@ -180,7 +180,7 @@ def decode_json(data: Any, expected_end: int | None = None) -> tuple[dict[str, a
     length = len(loss)
     if expected_end is not None and first + length != expected_end:
         raise ColumnError(("first_check",), f"the history covers checks {first} to "
-                                         f"{first + length - 1}, but the state has `checks` = "
+                                            f"{first + length - 1}, but the state has `checks` = "
                                          f"{expected_end}; it must end at the last check.")
     columns = {
         "loss": loss,
@@ -225,7 +225,7 @@ def plot_columns(history: Any) -> dict[str, list[Any]]:
         check, decision = row["check"], row["decision"]
         if isinstance(check, bool) or not isinstance(check, int) or check < 0:
             raise ColumnError((index, "check"), f"must be an integer >= 0; received "
-                                                f"{describe(check)}.")
+                                      f"{describe(check)}.")
         for key in ("loss", "ema"):
             if not is_number(row[key], optional=False):
                 raise ColumnError((index, key), f"must be a finite number >= 0; received "
@@ -234,7 +234,7 @@ def plot_columns(history: Any) -> dict[str, list[Any]]:
             _count_value((index, key), row[key])
         if decision not in ("refine", "hold", "stop"):
             raise ColumnError((index, "decision"), f"must be 'refine', 'hold' or 'stop'; "
-                                                   f"received {describe(decision)}.")
+                                      f"received {describe(decision)}.")
         for key in keys:
             out[key].append(row[key])
     return out

@@ -8,7 +8,7 @@ values in two parts:
   last ``min(checks, lookback)`` averages), ``k``, ``k_adjoint``, ``checkpoint`` (``None``
   before the first refinement, as JSON has no infinity), ``stopped`` and ``solver_converged``;
 - the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
-  columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 45 bytes of JSON
+  columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 50 bytes of JSON
   per check kept (at most ``history_limit`` of them).
 
 :func:`parse_state` checks every field, and the history against the resume state, before
@@ -161,7 +161,8 @@ def parse_state(
         raise _error("state", f"is not a PRDPController state (missing keys {missing}, "
                      f"unknown keys {unknown}).")
     version = saved["version"]
-    if saved["format"] != STATE_FORMAT or version not in _READABLE_VERSIONS:
+    if saved["format"] != STATE_FORMAT or type(version) is not int or (
+            version not in _READABLE_VERSIONS):
         raise _error("state", f"has the unsupported format {saved['format']!r} version "
                      f"{version!r}; expected {STATE_FORMAT!r} version "
                      f"{' or '.join(map(str, _READABLE_VERSIONS))}.")
@@ -233,7 +234,7 @@ def _rows_to_json(rows: Any, first_check: int) -> dict[str, Any]:
                                         f"received {describe(row)}.")
         if not isinstance(row["reason"], str) or row["reason"] not in REASON_CODE:
             raise ColumnError((index, "reason"), f"must be one of {list(REASONS)}; received "
-                                                 f"{describe(row['reason'])}.")
+                                      f"{describe(row['reason'])}.")
 
     def column(key: str) -> list[Any]:
         return [row[key] for row in rows]

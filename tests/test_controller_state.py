@@ -260,6 +260,7 @@ BAD_STATES = [
                                                r"\['lookback'\]"),
     (_pop(("hyperparameters", "latch")), r"state\['hyperparameters'\] must have the keys"),
     (_set(("format",), "torch"), r"unsupported format 'torch'"),
+    (_set(("version",), True), r"unsupported format .* version True"),
     (_pop(("k",)), r"missing keys \['k'\]"),
 ]
 
