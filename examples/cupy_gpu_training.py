@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="256 x 256 grid, 60 epochs")
     parser.add_argument("--steps", type=int, default=10, help="optimiser steps per epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial MLP weights")
     args = parser.parse_args(argv)
     gpu_backend_or_exit(SCRIPT)
     jax_gpu_or_exit(SCRIPT)
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     problem = build_problem(n, args.seed)
     optimizer, train_step, validation_loss = make_functions(problem, 1e-2)
     # CG on an n x n Poisson grid converges in O(n) iterations: start and step at a fraction.
+    # Latched (the default, as in the README's loop): after the first "stop" k stays put. The
+    # CPU examples pass latch=False, as the paper's code, so a later plateau may still refine.
     controller = po.PRDPController(k_min=n // 8, k_step=n // 4, k_max=20 * n)
     params, opt_state = problem["params"], optimizer.init(problem["params"])
     print(f"{jax.devices()[0].device_kind}: {n}x{n} Poisson source inversion, CG on CuPy via "

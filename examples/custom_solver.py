@@ -108,8 +108,11 @@ class RedBlackGaussSeidel(po.IterativeSolver):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common.add_common_arguments(parser, EXAMPLE)
-    parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit")
+    _common.add_common_arguments(parser, EXAMPLE, unit="step")
+    parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit",
+                        help="how gradients go through the registered solver: implicit (an "
+                             "adjoint solve with its own K iterations, default) or unrolled "
+                             "(through the K iterations run)")
     return parser.parse_args(argv)
 
 
@@ -128,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = poisson_inverse.make_trainer(problem, args)
     print(f"Poisson inverse through the registered red-black Gauss-Seidel solver; converged "
           f"baseline K = {k_converged} (relative residual 1e-8)", file=sys.stderr)
+    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
+    # library's default, latch=True, keeps K from the first "stop" on).
     controller = po.PRDPController(latch=False, **problem["controller"])
     baseline, prdp = _common.compare(trainer, controller, k_converged,
                                      with_baseline=args.compare, progress=not args.quiet)

@@ -386,6 +386,9 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
 def make_controller(setting: dict[str, Any], k_max: int) -> po.PRDPController:
     """PRDP capped at the converged count, without the latch (as the paper's code).
 
+    ``latch=False``: after a "stop" a later plateau may still refine (the library's default,
+    ``latch=True``, keeps ``K`` from the first "stop" on, as the README's loop does).
+
     1D and 2D: the paper's K from 1 by 1. 3D (no published setting): a converged count in the
     hundreds would take hundreds of plateaus to reach by ones, so K starts at, and grows by,
     one twentieth of the converged count (at least 1).
@@ -398,9 +401,15 @@ def make_controller(setting: dict[str, Any], k_max: int) -> po.PRDPController:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common.add_common_arguments(parser, EXAMPLE)
-    parser.add_argument("--dim", type=int, choices=(1, 2, 3), default=1)
-    parser.add_argument("--solver", choices=("jacobi", "steepest_descent"), default="jacobi")
+    _common.add_common_arguments(parser, EXAMPLE,
+                                 plots=", ".join(f"out/{EXAMPLE}_{d}d.png" for d in (1, 2))
+                                 + f" or out/{EXAMPLE}_3d.png, by --dim")
+    parser.add_argument("--dim", type=int, choices=(1, 2, 3), default=1,
+                        help="1: the paper's 1D setting (default); 2: the README's main job; "
+                             "3: a 3D variant with a CNN")
+    parser.add_argument("--solver", choices=("jacobi", "steepest_descent"), default="jacobi",
+                        help="the iterative solver of the implicit step (default: jacobi, "
+                             "the paper's)")
     parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default=None,
                         help="default: implicit in 1D and 3D, unrolled in 2D (the paper's)")
     parser.add_argument("--activation", choices=("relu", "linear"), default=None,
@@ -417,8 +426,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k-cap", type=int, default=2000,
                         help="largest K tried when searching for the converged count")
     args = parser.parse_args(argv)
-    if args.out == Path("out") / f"{EXAMPLE}.png":
-        args.out = Path("out") / f"{EXAMPLE}_{args.dim}d.png"
+    if args.out is None:
+        args.out = _common.default_out(f"{EXAMPLE}_{args.dim}d")
     return args
 
 

@@ -144,6 +144,12 @@ class Grid:
         return matvec
 
 
+def solve_counts(k: int, k_advection: int, k_pressure: int) -> dict[str, int]:
+    """Iterations each solve of a step runs at the controller's ``K``: each is capped at its
+    own converged count (the advection solves by GMRES, the pressure solve by CG)."""
+    return {"GMRES (advection)": min(k, k_advection), "CG (pressure)": min(k, k_pressure)}
+
+
 def ns_step(grid: Grid, u: jax.Array, k_advection: Any, k_pressure: Any,
             solve_options: dict[str, Any]) -> jax.Array:
     """One projection step ``P_K(u)`` with the given iteration counts (or tolerances)."""
@@ -363,8 +369,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_common_arguments(parser, EXAMPLE)
     parser.add_argument("--modality", choices=("one-step", "unrolled-no-grad", "unrolled"),
-                        default="unrolled")
-    parser.add_argument("--setup", choices=("correction", "prediction"), default="correction")
+                        default="unrolled",
+                        help="one-step: one step from reference states; unrolled (default): "
+                             "two steps with gradients through network and solves; "
+                             "unrolled-no-grad: two steps, no gradients through the solves")
+    parser.add_argument("--setup", choices=("correction", "prediction"), default="correction",
+                        help="correction (default): the network corrects the coarse solver's "
+                             "step; prediction: the network alone, no solver")
     parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit",
                         help="how the fully differentiable modality differentiates the solves")
     parser.add_argument("--grid", type=int, default=None,
@@ -382,12 +393,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.modality} training (solver adjoint {info['adjoint']}), {info['windows']} "
           f"windows, {info['epochs']} epochs; converged counts: GMRES {info['k_advection']}, "
           f"CG {info['k_pressure']}", file=sys.stderr)
+    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
+    # library's default, latch=True, keeps K from the first "stop" on).
     controller = po.PRDPController(k_max=info["k_max"], latch=False, **CONTROLLER)
     baseline, prdp = _common.compare(trainer, controller, info["k_max"],
                                      with_baseline=args.compare, progress=not args.quiet)
     return _common.finish(EXAMPLE, baseline, prdp, args.out,
                           f"Navier-Stokes corrector ({args.setup}, {args.modality}): PRDP vs "
-                          f"converged (GMRES {info['k_advection']}, CG {info['k_pressure']})")
+                          f"converged (GMRES {info['k_advection']}, CG {info['k_pressure']})",
+                          k_counts=lambda k: solve_counts(k, info["k_advection"],
+                                                          info["k_pressure"]))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     operator, solver, source = problem["operator"], problem["solver"], problem["source"]
     u_ref, params_ref = problem["u_ref"], problem["params_ref"]
     optimizer = problem["optimizer"]
-    steps = _common.positive_int("--epochs", args.epochs, problem["steps"])
+    steps = _common.positive_int("--steps", args.epochs, problem["steps"])
     max_steps = problem["k_max"] if args.adjoint == "unrolled" else None
     n = u_ref.shape[0]
 
@@ -187,20 +187,25 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
 
     return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                            validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
-                           epochs=steps)
+                           epochs=steps, unit="step")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    _common.add_common_arguments(parser, EXAMPLE)
+    _common.add_common_arguments(parser, EXAMPLE, unit="step",
+                                 plots=f"out/{EXAMPLE}_1d.png or out/{EXAMPLE}_2d.png, by "
+                                       "--variant")
     parser.add_argument("--variant", choices=("1d", "2d"), default="1d",
                         help="1d: the paper's scalar amplitude through Jacobi; 2d: a source "
                              "field of many parameters through CG")
-    parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit")
+    parser.add_argument("--adjoint", choices=("implicit", "unrolled"), default="implicit",
+                        help="how gradients go through the solve: implicit (an adjoint solve "
+                             "with its own K iterations, default) or unrolled (through the K "
+                             "iterations run)")
     args = parser.parse_args(argv)
-    if args.out == Path("out") / f"{EXAMPLE}.png":
-        args.out = Path("out") / f"{EXAMPLE}_{args.variant}.png"
+    if args.out is None:
+        args.out = _common.default_out(f"{EXAMPLE}_{args.variant}")
     return args
 
 
@@ -214,6 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"Poisson inverse {args.variant} ({problem['size']}), solver {problem['solver']}, "
           f"adjoint {args.adjoint}, {trainer.epochs} steps; converged baseline K = "
           f"{k_baseline}", file=sys.stderr)
+    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
+    # library's default, latch=True, keeps K from the first "stop" on).
     controller = po.PRDPController(latch=False, **problem["controller"])
     baseline, prdp = _common.compare(trainer, controller, k_baseline,
                                      with_baseline=args.compare, progress=not args.quiet)
