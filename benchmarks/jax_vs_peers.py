@@ -18,13 +18,15 @@ Targets (issue 3): forward / lineax <= 1.10, implicit grad / forward <= 2.1, unr
 forward <= 3.0, bridge / direct NumPy <= 1.3.
 
 Run ``python benchmarks/jax_vs_peers.py`` (a few minutes) or with ``--quick`` (seconds).
-lineax is a benchmark-only dependency (``pip install prdp-ops[bench]``).
+lineax is a benchmark-only dependency, the ``bench`` extra: ``pip install -e ".[jax,bench]"``
+(without it the script says so in one line and exits with status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -152,13 +154,26 @@ def table(rows: list[tuple[int, int, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+LINEAX_MISSING = ('jax_vs_peers.py needs lineax, a benchmark-only dependency: pip install -e '
+                  '".[jax,bench]" (the bench extra)')
+
+
+def lineax_or_exit() -> None:
+    """Leave with one line on stderr (status 1), not a traceback, when lineax is missing."""
+    try:
+        import lineax  # noqa: F401
+    except ImportError as err:
+        sys.exit(f"{LINEAX_MISSING}; {type(err).__name__}: {err}")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", default=None,
                         help="comma-separated NxK pairs, e.g. 128x200,256x500")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    lineax_or_exit()
     sizes = [(32, 20)] if args.quick else [(128, 200), (128, 500), (256, 200), (256, 500)]
     if args.sizes:
         sizes = [tuple(int(v) for v in pair.split("x")) for pair in args.sizes.split(",")]

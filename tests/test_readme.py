@@ -319,3 +319,42 @@ def test_help_of_solve_points_to_the_gradient_entry_points():
     assert callable(po.solve_vjp)
     pytest.importorskip("jax")
     assert callable(importlib.import_module("prdp_ops.backends.jax").solve)
+
+
+# ---------------------------------------------------------------------------- benchmarks
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def needs_lineax(path: Path) -> bool:
+    return bool(re.search(r"^\s*(import lineax|from lineax)", path.read_text(), flags=re.M))
+
+
+def test_the_bench_extra_is_named_wherever_a_benchmark_needs_lineax():
+    users = [path for path in sorted(BENCHMARKS.glob("*.py")) if needs_lineax(path)]
+    assert users, "no benchmark imports lineax any more: drop this test and the bench extra"
+    assert "bench" in optional_dependencies()
+    for path in users:
+        assert '".[jax,bench]"' in ast.get_docstring(ast.parse(path.read_text())), path.name
+        mention = README.split(f"`benchmarks/{path.name}` also needs lineax", 1)
+        assert len(mention) == 2, f"README.md does not say {path.name} needs lineax"
+        assert '`pip install -e ".[jax,bench]"`' in mention[1].split("\n\n", 1)[0]
+
+
+def test_jax_benchmark_without_lineax_says_so_in_one_line(tmp_path):
+    import subprocess
+
+    pytest.importorskip("jax")
+    script = BENCHMARKS / "jax_vs_peers.py"
+    # lineax blocked (a None entry in sys.modules makes its import fail), then the script.
+    runner = ("import runpy, sys; sys.modules['lineax'] = None; "
+              f"sys.argv = [{str(script)!r}, '--quick']; "
+              f"runpy.run_path({str(script)!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "needs lineax" in lines[0] and '".[jax,bench]"' in lines[0]
+    assert "Traceback" not in done.stderr
