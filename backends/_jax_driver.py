@@ -273,9 +273,11 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
 def _finish(c: _Carry, stop_on_convergence: Any, tol: Any,
             true_residual: Callable[[State], Any]) -> _Carry:
     """The final status: a fixed count (``tol == 0``) is converged only at a zero residual;
-    a solve with a tolerance that ran out of iterations or stagnated reports its true
-    residual, and is NONFINITE if that is not finite."""
-    unconverged = stop_on_convergence & ((c.status == MAX_ITERATIONS) | (c.status == STAGNATED))
+    a solve with a tolerance that ran out of iterations, stagnated or broke down reports the
+    true residual of its final x (a confirmation gave it for the other ends), and is
+    NONFINITE if that is not finite."""
+    unconverged = stop_on_convergence & ((c.status == MAX_ITERATIONS) | (c.status == STAGNATED)
+                                         | (c.status == BREAKDOWN))
     true = lax.cond(unconverged, true_residual, lambda s: c.true_norm, c.state)
     status = jnp.where(unconverged & ~jnp.isfinite(true), NONFINITE, c.status)
     status = jnp.where((status == MAX_ITERATIONS) & ~stop_on_convergence & (c.rnorm <= tol),

@@ -158,6 +158,7 @@ class Monitor:
         self.ops, self.A, self.b, self.tol = ops, A, b, tol
         self.active = stop_on_convergence
         self.true_norm: float | None = None
+        self._final_confirmed = False  # whether true_norm is that of the final x
         self._threshold = tol  # the recursive residual that triggers the next confirmation
         self._last_true = math.inf
         self._best = math.inf
@@ -193,6 +194,7 @@ class Monitor:
 
     def _confirm(self, x: Any, rnorm: float) -> Status:
         true = self.true_residual(x)
+        self._final_confirmed = True  # unless the loop resumes below
         if not math.isfinite(true):
             return Status.NONFINITE
         if true <= self.tol:
@@ -200,17 +202,20 @@ class Monitor:
         if true > 0.5 * self._last_true:
             return (Status.PRECISION_LIMIT if self.tol < self._precision_floor
                     else Status.INACCURATE)
+        self._final_confirmed = False
         self._last_true = true
         self._threshold = rnorm / 10
         return Status.MAX_ITERATIONS
 
     def finish(self, status: Status, x: Any, rnorm: float) -> Status:
-        """The final status: a fixed count is converged only at a zero residual; an
-        unconverged solve with a tolerance reports its true residual; a non-finite ``x`` is
-        :attr:`Status.NONFINITE` whatever the solver's residual said."""
+        """The final status: a fixed count is converged only at a zero residual; a solve
+        with a tolerance reports the true residual of the ``x`` it returns (computed here
+        unless a confirmation just did); a non-finite ``x`` is :attr:`Status.NONFINITE`
+        whatever the solver's residual said."""
         if status is Status.MAX_ITERATIONS and not self.active:
             status = Status.CONVERGED if rnorm <= self.tol else status
-        elif status in (Status.MAX_ITERATIONS, Status.STAGNATED):
+        elif self.active and status is not Status.NONFINITE and not self._final_confirmed:
+            # Every unconverged end with a tolerance reports ||b - A x|| of its x.
             if not math.isfinite(self.true_residual(x)):
                 status = Status.NONFINITE
         if status is not Status.NONFINITE and not bool(self.ops.is_finite(x)):
