@@ -156,3 +156,104 @@ def to_numpy(a: Any) -> Any:
 def tolerance(dtype: Any) -> float:
     """A comparison tolerance for results computed in ``dtype``."""
     return 2e-4 if np.dtype(dtype) in (np.float32, np.complex64) else 1e-9
+
+
+
+# -- tolerances for comparing two floating-point computations -------------------------------
+#: Covers the constants of the model in agree_tol: the length factor of a sum (~ n eps worst
+#: case, ~ sqrt(n) eps typically; n <= a few hundred here) and both computations carrying
+#: their own error.
+AGREE_SAFETY = 10.0
+
+
+def eps(dtype: Any) -> float:
+    """The machine epsilon of ``dtype`` (of its real part for a complex dtype)."""
+    return float(np.finfo(dtype).eps)
+
+
+def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, adjoint: bool = False,
+              safety: float = AGREE_SAFETY) -> float:
+    """A normwise relative tolerance for two computations of the same quantity whose sums run
+    in different orders: another CPU's BLAS kernels, XLA against NumPy, SciPy against us, a
+    stencil against its CSR matrix. Such results agree to rounding times conditioning times
+    iterations, not to a fixed 1e-10.
+
+    The model. Every inner product and matrix-vector product is exact up to a relative
+    perturbation of order ``eps(dtype)`` (its length factor is in ``safety``). A k-step
+    iteration takes k such perturbations, each amplified by at most the condition number of
+    what it perturbs:
+
+    * forward (an iterate, a solution): ``eps * cond * k``;
+    * adjoint (a cotangent: ``A^T lambda = g`` solved for a ``g`` that already carries the
+      forward error, or a reverse sweep through k steps): ``eps * cond**2 * k``.
+
+    ``iterations`` is the number of steps that ran (``result.iterations`` of a converged
+    solve). Use it with :func:`assert_agree`: the bound is normwise, so it is measured against
+    the largest entry; an entry that is small by cancellation carries the whole vector's
+    absolute error, and an entrywise rtol on it fails on another machine.
+
+    Where the model does not hold. Krylov methods with short recurrences (CG, BiCGSTAB)
+    lose orthogonality in floating point once a Ritz value converges (for these small
+    problems: near n steps); from then on two runs that round differently take different
+    paths and their iterates agree only as far as both are converged. Compare those by
+    :func:`converged_tol` (solutions) or :func:`permutation_spread` (anything else, e.g. an
+    unrolled gradient through such steps), not by this model.
+
+    Two computations of the same code in the same order are bit-identical and need none of
+    this: compare those tightly (or exactly) and say so.
+    """
+    return safety * eps(dtype) * max(int(iterations), 1) * float(cond) ** (2 if adjoint else 1)
+
+
+def converged_tol(cond: float, *relative_residuals: float, n: int = 1) -> float:
+    """A relative bound on the difference of solutions of the same system whose true
+    residuals are ``||b - A x_i|| <= rho_i ||b||``: ``x_i - x* = A^-1 r_i`` and
+    ``||b|| <= ||A|| ||x*||`` give ``||x_1 - x_2|| <= cond (rho_1 + rho_2) ||x*||`` in
+    2-norms, and a factor ``sqrt(n)`` turns that into the largest-entry form that
+    :func:`assert_agree` checks.
+
+    A bound, not a model: it holds whatever order the sums ran in. Pass the measured
+    residuals (:func:`relative_residual`), not the requested rtol, so it is as tight as the
+    solves are, and the 2-norm condition number (``np.linalg.cond``).
+    """
+    return float(cond) * float(sum(relative_residuals)) * float(np.sqrt(n))
+
+
+def relative_residual(A: Any, b: Any, x: Any) -> float:
+    """``||b - A x|| / ||b||`` on the host, in float64/complex128."""
+    A = A.toarray() if sp.issparse(A) else np.asarray(A)
+    b, x = np.asarray(b), np.asarray(x)
+    wide = np.complex128 if np.iscomplexobj(A) or np.iscomplexobj(b) else np.float64
+    A, b, x = A.astype(wide), b.astype(wide), x.astype(wide)
+    return float(np.linalg.norm(b - A @ x) / np.linalg.norm(b))
+
+
+def permutation_spread(compute: Any, n: int, trials: int = 3, seed: int = 0) -> tuple:
+    """How far rounding alone moves a result: ``compute(perm)`` must solve the problem with
+    its unknowns reordered by ``perm`` (``A[perm][:, perm]``, ``b[perm]``) and return its
+    results (a tuple of arrays) mapped back to the original order. Every solver here is
+    permutation-equivariant (inner products, norms, matrix-vector products), so in exact
+    arithmetic every ``perm`` gives the same result; in floating point each reorders the
+    sums. Returns ``(reference, spreads)``: the unpermuted result and, per output, the largest
+    entrywise difference that ``trials`` random permutations produced.
+
+    This measures the sensitivity that :func:`agree_tol`'s model cannot bound (Krylov runs
+    past their loss of orthogonality, derivatives through them). Take several trials: one
+    permutation can land 100x below the typical spread.
+    """
+    reference = tuple(np.asarray(r) for r in compute(np.arange(n)))
+    spreads = [np.zeros(()) for _ in reference]
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        other = compute(rng.permutation(n))
+        spreads = [np.maximum(s, np.max(np.abs(np.asarray(o) - r)))
+                   for s, o, r in zip(spreads, other, reference, strict=True)]
+    return reference, tuple(float(s) for s in spreads)
+
+
+def assert_agree(actual: Any, desired: Any, tol: float, err_msg: str = "") -> None:
+    """``max |actual - desired| <= tol * max |desired|`` (normwise; see :func:`agree_tol`)."""
+    desired = np.asarray(desired)
+    scale = float(np.max(np.abs(desired))) if desired.size else 0.0
+    np.testing.assert_allclose(np.asarray(actual), desired, rtol=0, atol=tol * scale,
+                               err_msg=err_msg)

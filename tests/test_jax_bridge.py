@@ -13,7 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import poisson_1d, random_vector, spd
+from helpers import (
+    AGREE_SAFETY,
+    agree_tol,
+    permutation_spread,
+    poisson_1d,
+    random_vector,
+    spd,
+)
 from jax.experimental import sparse as jax_sparse
 from prdp_ops.backends import jax as pj
 
@@ -37,29 +44,59 @@ _grad = jax.jit(jax.grad(_loss, argnums=(0, 1)), static_argnames=("backend", "ad
     ("implicit", 200, 1e-10), ("implicit", 4, 0.0), ("unrolled", 4, 0.0), ("unrolled", 50, 1e-2)
 ])
 def test_bridge_gradients_equal_native(adjoint: str, maxiter: int, rtol: float) -> None:
-    A, b = jnp.asarray(spd(N)), jnp.asarray(random_vector(N))
+    A, b = spd(N), random_vector(N)
     kw = {"adjoint": adjoint, "maxiter": maxiter, "rtol": rtol}
-    native = _grad(A, b, backend="jax", **kw)
-    bridged = _grad(A, b, backend="numpy", **kw)
-    for g, r in zip(bridged, native, strict=True):
-        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-12)
+    bridged = _grad(jnp.asarray(A), jnp.asarray(b), backend="numpy", **kw)
+
+    def native(perm: np.ndarray) -> tuple:
+        back = np.argsort(perm)
+        gA, gb = _grad(jnp.asarray(A[np.ix_(perm, perm)]), jnp.asarray(b[perm]),
+                       backend="jax", **kw)
+        return np.asarray(gA)[np.ix_(back, back)], np.asarray(gb)[back]
+
+    # NumPy's sums (the bridge) and XLA's round differently. Within the eps model (k forward
+    # and k adjoint steps, cond 50) they agree to eps cond^2 2k; but CG through its loss of
+    # orthogonality (here: near N = 10 steps, the unrolled-50 case) is more sensitive than the
+    # model, about 1e-10. The native gradient's own spread when the sums are reordered
+    # (unknowns permuted) measures that; the bridge must agree within 10x of it.
+    k = int(pj.solve(jnp.asarray(A), jnp.asarray(b), maxiter=maxiter, rtol=rtol,
+                     return_result=True)[1].iterations)
+    floor = agree_tol(np.float64, cond=np.linalg.cond(A), iterations=2 * k, adjoint=True)
+    reference, spreads = permutation_spread(native, N)
+    for g, r, spread in zip(bridged, reference, spreads, strict=True):
+        np.testing.assert_allclose(g, r, rtol=0, atol=AGREE_SAFETY * spread
+                                   + floor * np.abs(r).max())
 
 
 def test_bridge_forward_and_result_equal_native() -> None:
-    A, b = jnp.asarray(spd(N)), jnp.asarray(random_vector(N))
+    A, b = spd(N), random_vector(N)
 
     @jax.jit
     def both(A: jax.Array, b: jax.Array) -> tuple:
         return (pj.solve(A, b, rtol=1e-8, return_result=True),
                 pj.solve(A, b, rtol=1e-8, return_result=True, backend="numpy"))
 
-    (x, result), (xb, bridged) = both(A, b)
-    np.testing.assert_allclose(xb, x, rtol=1e-10)
+    (_, result), (xb, bridged) = both(jnp.asarray(A), jnp.asarray(b))
     assert int(bridged.iterations) == int(result.iterations)
     assert int(bridged.status) == int(result.status) == 0
-    # equal down to rounding (1e-9 of ||b||: the sums run in a different order)
-    np.testing.assert_allclose(bridged.residual_norms, result.residual_norms, rtol=1e-8,
-                               atol=1e-9 * float(result.residual_norms[0]))
+
+    k = int(result.iterations)  # the norms after it are padding (NaN)
+
+    def native(perm: np.ndarray) -> tuple:
+        (x, result), _ = both(jnp.asarray(A[np.ix_(perm, perm)]), jnp.asarray(b[perm]))
+        return np.asarray(x)[np.argsort(perm)], np.asarray(result.residual_norms)[:k + 1]
+
+    # Equal down to rounding, which is not eps cond k here: CG stops at step N = 10, where
+    # in exact arithmetic it would terminate and where the residual (~4e-10 ||b||) is made by
+    # rounding, so reordered sums move x by ~1e-11 and that residual by ~1e-10 ||b||. The
+    # native solve's spread under reordered sums (permuted unknowns) measures it; the bridge
+    # agrees within 10x of it (or of the eps model's floor).
+    reference, spreads = permutation_spread(native, N)
+    floor = agree_tol(np.float64, cond=np.linalg.cond(A), iterations=k)
+    for got, want, spread in zip((xb, bridged.residual_norms[:k + 1]), reference, spreads,
+                                 strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=AGREE_SAFETY * spread
+                                   + floor * np.abs(want).max())
 
 
 def test_bridge_under_vmap_and_grad() -> None:
