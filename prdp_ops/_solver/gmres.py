@@ -70,7 +70,7 @@ def _masked_triangle(ops: ArrayOps, R: Any, j: Any) -> Any:
     """
     xp = ops.xp
     m = R.shape[0]
-    active = xp.arange(m) < j
+    active = xp.arange(m, dtype=xp.int32) < j  # j is int32: no int64/int32 mix (strict JAX)
     block = xp.logical_and(active[:, None], active[None, :])
     diag_fix = xp.logical_or(xp.logical_not(active), xp.diagonal(R) == 0)
     return xp.where(block, R, 0) + xp.diag(xp.where(diag_fix, 1, 0).astype(R.dtype))
@@ -83,7 +83,9 @@ def _cycle_solution(ops: ArrayOps, state: State) -> tuple[Any, Any, Any]:
     Q, H, j = state["Q"], state["H"], state["j"]
     m = H.shape[1]
     R = _masked_triangle(ops, (Q @ H)[:m], j)
-    g = xp.where(xp.arange(m) < j, state["beta"] * Q[:m, 0], 0)
+    # beta is real, Q complex for complex data: the cast is explicit for strict JAX.
+    g = xp.where(xp.arange(m, dtype=xp.int32) < j, state["beta"].astype(Q.dtype) * Q[:m, 0],
+                 0)
     return xp.linalg.solve(R, g), R, g
 
 

@@ -1,0 +1,330 @@
+"""The differentiable core of the JAX solve (private to ``prdp_ops.backends.jax``).
+
+``adjoint="implicit"`` follows ``lax.custom_linear_solve``: the solve is a
+``jax.custom_jvp`` function whose tangent is another linear solve,
+
+    A x = b   =>   A dx = db - dA x,   dx = A^-1 (db - dA x),
+
+and that tangent solve is a ``lax.custom_linear_solve`` whose transpose is our adjoint solve
+``A^T lambda = x_bar`` (own solver, iteration limit and tolerances). Forward mode
+(``jax.jvp``, ``jax.jacfwd``) runs the tangent solve; reverse mode (``jax.grad``) is JAX's
+transpose of the tangent map: ``b_bar = lambda`` and ``A``'s cotangent is the transpose of
+``dA -> -dA x`` at ``lambda``; and derivatives of any order compose from these two rules.
+The iteration counts and tolerances are ordinary (possibly traced) inputs of the solves, and
+every solve reports its own failures (and, for adjoint solves, hands its result to
+``adjoint_callback``).
+
+``adjoint="unrolled"`` is a ``jax.custom_vjp``: the forward loop keeps a tape of the states
+``step`` reads and the reverse sweep pulls the cotangent back through ``jax.vjp`` of one
+step at a time (:func:`prdp_ops.backends._jax_driver.unrolled_pullback`). It is reverse mode
+only (see :func:`forward_mode_error`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from prdp_ops.backends import _jax_args as args
+from prdp_ops.backends import _jax_driver as driver
+from prdp_ops.backends._jax_operators import structured_adjoint, transpose
+from prdp_ops.backends._jax_ops import OPS, JaxSolveResult
+from prdp_ops.backends.numpy import report_failure
+
+from prdp_ops._operators.base import LinearOperator
+from prdp_ops._solution import SolveResult
+from prdp_ops._solver.base import IterativeSolver
+
+__all__ = ["Problem", "report", "solve_core"]
+
+SymbolicZero = jax.custom_derivatives.SymbolicZero
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """Everything static about one solve: the solver, how to build the operators from their
+    parameters, the adjoint mode and the buffers' static sizes.
+
+    ``callback`` receives this solve's result (set for adjoint solves: the user's
+    ``adjoint_callback``); ``adjoint_callback`` is the one its own adjoint solve passes on.
+    ``checkpoint_every=None`` lets the unrolled tape choose (see :func:`_tape_layout`).
+    """
+
+    solver: IterativeSolver
+    adjoint_solver: IterativeSolver
+    rebuild: Callable[[dict[str, Any]], LinearOperator]
+    rebuild_precond: Callable[[dict[str, Any]], LinearOperator] | None
+    mode: str
+    on_failure: str
+    tape_capacity: int | None = None
+    checkpoint_every: int | None = 1
+    maxiter_given: bool = True
+    history_size: int | None = None
+    adjoint_history_size: int | None = None
+    callback: Callable[[SolveResult], None] | None = None
+    adjoint_callback: Callable[[SolveResult], None] | None = None
+    what: str = "solve"
+
+    @property
+    def solver_name(self) -> str:
+        return self.solver.name or type(self.solver).__name__
+
+    def operators(self, params: dict[str, Any], m_params: dict[str, Any]) -> tuple[Any, Any]:
+        M = None if self.rebuild_precond is None else self.rebuild_precond(m_params)
+        return self.rebuild(params), M
+
+    def adjoint(self, like: Any) -> Problem:
+        """The problem ``A^T lambda = x_bar`` (its own adjoint is this problem again)."""
+        rebuild, precond = self.rebuild, self.rebuild_precond
+        return dataclasses.replace(
+            self, solver=self.adjoint_solver, adjoint_solver=self.solver,
+            rebuild=lambda p: transpose(rebuild(p), like),
+            rebuild_precond=None if precond is None else (lambda q: transpose(precond(q), like)),
+            mode="implicit", tape_capacity=None, history_size=self.adjoint_history_size,
+            adjoint_history_size=self.history_size, callback=self.adjoint_callback,
+            adjoint_callback=self.callback, what=f"adjoint of the {self.what}",
+        )
+
+    def tangent(self) -> Problem:
+        """The problem ``A dx = db - dA x`` of forward mode: the same solver and settings,
+        no history, its failures reported under its own name."""
+        return dataclasses.replace(self, mode="implicit", tape_capacity=None,
+                                   history_size=None, callback=None,
+                                   what=f"tangent of the {self.what}")
+
+
+# -- failure reports -----------------------------------------------------------------------------
+def report(result: JaxSolveResult, on_failure: str, what: str,
+           callback: Callable[[SolveResult], None] | None = None) -> None:
+    """Apply the failure policy to a finished solve and hand it to ``callback``.
+
+    Outside tracing this happens here; inside ``jit``/``vmap`` (and inside the staged
+    tangent and adjoint solves) through ``jax.debug.callback`` (a raised
+    :class:`~prdp_ops.SolverError` then surfaces as a runtime error of the call), which only
+    runs when the solve failed or a ``callback`` wants every result.
+    """
+    if on_failure == "ignore" and callback is None:
+        return
+
+    def host(res: JaxSolveResult) -> None:
+        res = res.to_solve_result()
+        if callback is not None:
+            callback(res)
+        report_failure(res, on_failure, what)
+
+    if not any(args.is_traced(leaf) for leaf in jax.tree_util.tree_leaves(result)):
+        host(result)
+        return
+    if callback is None:
+        # Only the numbers the message needs cross to the host, and only on failure.
+        result = dataclasses.replace(result, x=jnp.zeros(()),
+                                     residual_norms=jnp.zeros(1, result.residual_norms.dtype))
+    needed = jnp.asarray(callback is not None) | (result.status >= driver.BREAKDOWN)
+    lax.cond(needed, lambda: jax.debug.callback(host, result), lambda: None)
+
+
+# -- the forward solve ---------------------------------------------------------------------------
+def forward(problem: Problem, params: dict[str, Any], m_params: dict[str, Any], b: Any,
+            x0: Any, controls: tuple, tape: driver.Tape | None = None) -> tuple:
+    """Run the solve: ``(x, info, loop)`` with ``info = (iterations, status, history)``."""
+    A, M = problem.operators(params, m_params)
+    maxiter, rtol, atol = controls[:3]
+    bnorm = OPS.norm(b)
+    tol = jnp.maximum(rtol * bnorm, atol)
+    # As SciPy: b = 0 with a tolerance is solved exactly by x = 0 in 0 iterations.
+    zero_rhs = (bnorm == 0) & ((rtol > 0) | (atol > 0))
+    tol = jnp.where(zero_rhs, jnp.ones_like(tol), tol)
+    size = problem.history_size
+    loop = driver.run_loop(problem.solver, OPS, A, M, b, x0, maxiter, tol,
+                           history_size=size, tape=tape)
+    history = loop.history
+    if size is not None and (args.is_traced(maxiter) or size < int(maxiter)):
+        # The buffer was bounded below the iteration limit (args.history_size): a longer
+        # solve keeps its final residual norm in the last entry.
+        final = problem.solver.residual_norm(OPS, loop.state).astype(history.dtype)
+        history = history.at[size].set(jnp.where(loop.iterations > size, final,
+                                                 history[size]))
+    return loop.x, (loop.iterations, loop.status, history), loop
+
+
+def solve_core(problem: Problem, params: dict[str, Any], m_params: dict[str, Any], b: Any,
+               x0: Any, controls: tuple) -> tuple[Any, tuple]:
+    """``(x, info)`` with the derivative ``problem.mode`` asks for."""
+    rtol, atol = controls[1:3]
+    zero_rhs = (OPS.norm(b) == 0) & ((rtol > 0) | (atol > 0))
+    x0 = jnp.where(zero_rhs, jnp.zeros_like(x0), x0)
+    if problem.mode == "none":
+        params, m_params, b, x0 = lax.stop_gradient((params, m_params, b, x0))
+        x, info, _ = forward(problem, params, m_params, b, x0, controls)
+        return x, info
+    if problem.mode == "implicit":
+        return _implicit(problem)(params, m_params, b, x0, controls)
+    return _unrolled(problem)(params, m_params, b, x0, controls)
+
+
+# -- implicit: a custom_jvp whose tangent is a custom_linear_solve ----------------------------
+def _implicit(problem: Problem) -> Callable:
+    """The solve as a ``jax.custom_jvp`` function of ``(params, m_params, b, x0, controls)``.
+
+    ``x0``, the preconditioner's parameters and the controls get no derivative: at
+    convergence ``x = A^-1 b`` depends on none of them.
+    """
+
+    @jax.custom_jvp
+    def solve_fn(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
+        x, info, _ = forward(problem, params, m_params, b, x0, controls)
+        return x, info
+
+    def solve_jvp(primals: tuple, tangents: tuple) -> tuple:
+        params, m_params, b, x0, controls = primals
+        params_dot, _, b_dot, _, _ = tangents
+        # Calling solve_fn (not forward) keeps the primal differentiable again.
+        x, info = solve_fn(params, m_params, b, x0, controls)
+        rhs = _tangent_rhs(problem, params, params_dot, b_dot, x)
+        if rhs is None:
+            x_dot = jnp.zeros_like(x)
+        else:
+            x_dot = _linear_solve(problem, params, m_params, controls, rhs)
+        return (x, info), (x_dot, _info_tangent(info))
+
+    solve_fn.defjvp(solve_jvp, symbolic_zeros=True)
+    return solve_fn
+
+
+def _info_tangent(info: tuple) -> tuple:
+    """Zero tangents of the convergence information (float0 for the integer codes)."""
+    iterations, status, history = info
+    float0 = jax.dtypes.float0
+    return (np.zeros(np.shape(iterations), float0), np.zeros(np.shape(status), float0),
+            jnp.zeros_like(history))
+
+
+def _tangent_rhs(problem: Problem, params: dict[str, Any], params_dot: dict[str, Any],
+                 b_dot: Any, x: Any) -> Any:
+    """``db - dA x`` (``None`` when both tangents are symbolically zero)."""
+    rhs = None if isinstance(b_dot, SymbolicZero) else b_dot
+    live = {k: t for k, t in params_dot.items() if not isinstance(t, SymbolicZero)}
+    if live:
+        # dA x: the jvp of p -> A(p) x along the parameters that carry tangents.
+        def apply(sub: dict[str, Any]) -> Any:
+            return problem.rebuild({**params, **sub}).matvec(x)
+
+        _, dA_x = jax.jvp(apply, ({k: params[k] for k in live},), (live,))
+        dA_x = dA_x.astype(x.dtype)
+        rhs = -dA_x if rhs is None else rhs - dA_x
+    return rhs
+
+
+def _linear_solve(problem: Problem, params: dict[str, Any], m_params: dict[str, Any],
+                  controls: tuple, rhs: Any) -> Any:
+    """``A^-1 rhs`` as a ``lax.custom_linear_solve``: its transpose is the adjoint solve.
+
+    ``matvec`` closes over A's parameters, so a derivative of this solve (a second
+    derivative of the original) gets ``-A^-1 dA (A^-1 rhs)`` from JAX; the solves close over
+    the controls and the preconditioner, which get none.
+    """
+    A = problem.rebuild(params)
+    adjoint_controls = controls[3:] + controls[:3]
+
+    def solve(_: Callable, r: Any) -> Any:
+        return _scaled_solve(problem.tangent(), params, m_params, controls, r)
+
+    def transpose_solve(_: Callable, r: Any) -> Any:
+        return _scaled_solve(problem.adjoint(r), params, m_params, adjoint_controls, r)
+
+    return lax.custom_linear_solve(A.matvec, rhs, solve, transpose_solve)
+
+
+def _scaled_solve(problem: Problem, params: dict[str, Any], m_params: dict[str, Any],
+                  controls: tuple, rhs: Any) -> Any:
+    """Solve ``problem`` for ``rhs`` from zero, reporting the result.
+
+    As on NumPy, the right-hand side is scaled to unit max-norm (CG's ``rho = <r, r>`` of a
+    cotangent of size 1e-200 would underflow to 0 and give 0/0 = NaN) and the absolute
+    tolerance scaled with it; the relative one is scale-free. The reported residual norms are
+    unscaled.
+    """
+    scale = jnp.max(jnp.abs(rhs))
+    safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    maxiter, rtol, atol = controls[:3]
+    scaled_controls = (maxiter, rtol, atol / safe.astype(atol.dtype), *controls[3:])
+    x, (iterations, status, history), _ = forward(
+        problem, params, m_params, rhs / safe.astype(rhs.dtype), jnp.zeros_like(rhs),
+        scaled_controls)
+    x = x * safe.astype(x.dtype)
+    result = JaxSolveResult(x, status == driver.CONVERGED, iterations,
+                            history * safe.astype(history.dtype), status, problem.solver_name)
+    report(lax.stop_gradient(result), problem.on_failure, problem.what, problem.callback)
+    return x
+
+
+# -- unrolled: a custom_vjp with a tape -------------------------------------------------------
+def _unrolled(problem: Problem) -> Callable:
+    """The solve as a ``jax.custom_vjp`` function of ``(params, m_params, b, x0, controls)``."""
+
+    @jax.custom_vjp
+    def solve_fn(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
+        x, info, _ = forward(problem, params, m_params, b, x0, controls)
+        return x, info
+
+    def unrolled_fwd(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
+        A, M = problem.operators(params, m_params)
+        tape = _tape_layout(problem, A, M, b, x0)
+        x, info, loop = forward(problem, params, m_params, b, x0, controls, tape)
+        return (x, info), (params, m_params, b, x0, controls, loop)
+
+    def unrolled_bwd(residuals: tuple, cotangents: tuple) -> tuple:
+        params, m_params, b, x0, controls, loop = residuals
+        A, M = problem.operators(params, m_params)
+        tape = _tape_layout(problem, A, M, b, x0)
+        params_bar, b_bar, x0_bar = driver.unrolled_pullback(
+            problem.solver, OPS, structured_adjoint(problem.rebuild), M, params, b, x0, loop,
+            tape, cotangents[0])
+        return (params_bar, _zeros(m_params), b_bar, x0_bar, _nones(controls))
+
+    solve_fn.defvjp(unrolled_fwd, unrolled_bwd)
+    return solve_fn
+
+
+def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Tape:
+    """The unrolled tape: which state entries it keeps, how many, and how often.
+
+    Decided on static shapes only, so the forward and the backward pass agree and a tape
+    the device cannot hold fails here, before anything is allocated. ``checkpoint_every``
+    left to us keeps every state when ``maxiter`` was given and the full tape takes at most
+    an eighth of the device's memory, and otherwise checkpoints every ``ceil(sqrt(K))``
+    states (memory ``~2 sqrt(K)`` states instead of ``K``, one more forward pass): the
+    default ``maxiter = 10 n`` then no longer sizes a tape of ``10 n`` states (43 GB for CG
+    on a 128 x 128 grid).
+    """
+    state = jax.eval_shape(lambda b, x0: problem.solver.init(OPS, A, b, x0, M), b, x0)
+    keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
+    capacity = max(problem.tape_capacity, 1)
+    tape_state = sum(_nbytes(state[k]) for k in keys)
+    full_state = sum(_nbytes(v) for v in state.values())
+    limit = args.device_memory()
+    every = problem.checkpoint_every
+    if every is None:
+        full = args.tape_bytes(capacity, 1, tape_state, full_state)
+        fits = limit is None or 8 * full <= limit
+        every = 1 if problem.maxiter_given and fits else args.sqrt_checkpoints(capacity)
+    args.check_memory(capacity, every, tape_state, full_state, limit,
+                      maxiter_given=problem.maxiter_given)
+    return driver.Tape(capacity, keys, every)
+
+
+def _nbytes(aval: Any) -> int:
+    return int(np.prod(aval.shape, dtype=np.int64)) * jnp.dtype(aval.dtype).itemsize
+
+
+def _zeros(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.zeros_like, tree)
+
+
+def _nones(controls: tuple) -> tuple:
+    return tuple(None for _ in controls)
