@@ -15,6 +15,7 @@ from prdp_ops._operators.function import FunctionOperator as FunctionOperator
 from prdp_ops._operators.function import ScipyLinearOperator as ScipyLinearOperator
 from prdp_ops._operators.stencil import DiffusionStencil as DiffusionStencil
 from prdp_ops._operators.stencil import LaplacianStencil as LaplacianStencil
+from prdp_ops._prdp_signals import gradient_fidelity as gradient_fidelity
 from prdp_ops._solution import Cotangents as Cotangents
 from prdp_ops._solution import SolverError as SolverError
 from prdp_ops._solution import SolveResult as SolveResult
@@ -66,6 +67,7 @@ __all__ = [
     "aslinearoperator",
     "available_solvers",
     "get_solver",
+    "gradient_fidelity",
     "register_solver",
     "solve",
     "solve_vjp",

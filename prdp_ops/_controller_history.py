@@ -28,9 +28,9 @@ from prdp_ops._controller_rule import (
     REFINE_REASONS,
     CheckRecord,
     Hyperparameters,
-    advance,
     check_bool,
     check_int,
+    next_count,
 )
 
 __all__ = ["ROW_KEYS", "History", "converged", "cumulative_iterations", "run_lengths"]
@@ -135,9 +135,9 @@ class History:
                 "residual": residual,
                 "converged_at_k": converged(hp, residual),
                 "capped": reason == "at k_max",
-                "k_next": advance(k, hp.k_step, hp.k_max) if refine else k,
+                "k_next": next_count(hp, k, hp.k_step, hp.k_max) if refine else k,
                 "k_adjoint_next": (
-                    advance(k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max) if refine
+                    next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max) if refine
                     else k_adjoint),
             })
         return rows

@@ -22,6 +22,7 @@ __all__ = [
     "REASONS",
     "REASON_CODE",
     "REFINE_REASONS",
+    "RULES",
     "CheckRecord",
     "ControllerState",
     "Decision",
@@ -32,6 +33,7 @@ __all__ = [
     "check_int",
     "init_state",
     "make_hyperparameters",
+    "next_count",
     "update",
 ]
 
@@ -42,9 +44,17 @@ Decision = Literal["refine", "hold", "stop"]
 REASONS: tuple[str, ...] = (
     "warm-up", "no plateau", "improved", "worsened", "no gain", "at k_max",
     "solver converged", "stopped",
+    # rule="fidelity" (appended: the codes above keep their meaning in saved histories)
+    "plateau", "fidelity", "fidelity ok", "awaiting signal",
 )
 REASON_CODE = {reason: code for code, reason in enumerate(REASONS)}
-REFINE_REASONS = frozenset({"improved", "worsened"})
+REFINE_REASONS = frozenset({"improved", "worsened", "plateau", "fidelity"})
+#: The refinement rules by name: the paper's, and the gradient-fidelity rule (the default).
+RULES: tuple[str, ...] = ("fidelity", "plateau")
+#: Defaults of the fidelity rule's own settings (also what a state saved before they existed
+#: is read with; they do not affect rule="plateau").
+DEFAULT_FIDELITY_TOL = 0.1
+DEFAULT_GROWTH = 2.0
 # The reason determines the decision, so the history stores only the reason.
 DECISION_OF: dict[str, Decision] = {
     reason: "refine" if reason in REFINE_REASONS else "stop" if reason == "no gain" else "hold"
@@ -188,6 +198,9 @@ class Hyperparameters:
     latch: bool
     use_ema: bool
     residual_tol: float | None
+    rule: str = "plateau"
+    fidelity_tol: float = DEFAULT_FIDELITY_TOL
+    growth: float = DEFAULT_GROWTH
 
     @functools.cached_property
     def alpha(self) -> float:
@@ -214,6 +227,9 @@ def make_hyperparameters(
     latch: Any = True,
     use_ema: Any = True,
     residual_tol: Any = None,
+    rule: Any = "fidelity",
+    fidelity_tol: Any = DEFAULT_FIDELITY_TOL,
+    growth: Any = DEFAULT_GROWTH,
 ) -> Hyperparameters:
     """Validate the rule's arguments; see :class:`~prdp_ops.PRDPController` for each.
 
@@ -236,12 +252,23 @@ def make_hyperparameters(
     adjoint_min = k_min if adjoint_min is None else adjoint_min
     adjoint_max = k_max if adjoint_max is None else adjoint_max
     _check_cap("k_adjoint_max", adjoint_max, "k_adjoint_min", adjoint_min)
+    if not isinstance(rule, str) or rule not in RULES:
+        raise (ValueError if isinstance(rule, str) else TypeError)(
+            f"PRDPController: rule must be one of {list(RULES)}; received {rule!r}. "
+            f"'plateau' is the paper's rule, 'fidelity' the gradient-fidelity rule."
+        )
+    fidelity_tol = _check_positive_float("fidelity_tol", fidelity_tol)
+    growth = _check_positive_float("growth", growth)
+    if growth < 1:
+        raise ValueError(f"PRDPController: growth must be >= 1 (1 refines by k_step alone); "
+                         f"received {growth!r}.")
     return Hyperparameters(
         k_min=k_min, k_step=k_step, k_max=k_max, tau_step=tau_step, tau_stop=tau_stop,
         ema_window=ema_window, lookback=lookback, k_adjoint_min=adjoint_min,
         k_adjoint_step=k_step if adjoint_step is None else adjoint_step,
         k_adjoint_max=adjoint_max, latch=check_bool("latch", latch),
         use_ema=check_bool("use_ema", use_ema), residual_tol=_check_residual_tol(residual_tol),
+        rule=rule, fidelity_tol=fidelity_tol, growth=growth,
     )
 
 
@@ -252,7 +279,9 @@ class ControllerState(NamedTuple):
     """Everything the rule needs to continue: O(1) plain Python scalars.
 
     ``checkpoint`` is ``math.inf`` before the first refinement; ``recent_emas`` holds the last
-    ``min(checks, lookback)`` moving averages, oldest first.
+    ``min(checks, lookback)`` moving averages, oldest first. ``fidelity`` is the last gradient
+    fidelity measured at the current counts (``None`` when none was given since the last
+    refinement); ``signal_seen`` whether any was ever given (rule ``"fidelity"`` only).
     """
 
     checks: int
@@ -262,6 +291,8 @@ class ControllerState(NamedTuple):
     checkpoint: float
     stopped: bool
     solver_converged: bool
+    fidelity: float | None = None
+    signal_seen: bool = False
 
 
 class CheckRecord(NamedTuple):
@@ -302,6 +333,21 @@ def advance(count: int, step: int, cap: int | None) -> int:
     return count + step if cap is None else min(count + step, cap)
 
 
+def growth_steps(count: int, step: int, growth: float) -> int:
+    """How many ``step``s one refinement of the fidelity rule adds to ``count``:
+    ``max(1, round((growth - 1) * count / step))``, so that the count grows by a factor of
+    about ``growth`` while staying on the ``k_min + j * step`` grid."""
+    return max(1, round((growth - 1.0) * count / step))
+
+
+def next_count(hp: Hyperparameters, count: int, step: int, cap: int | None) -> int:
+    """The count after one refinement: ``count + step`` for the paper's rule; for the fidelity
+    rule ``count + step * growth_steps(count, step, growth)`` (geometric growth); capped."""
+    if hp.rule == "fidelity":
+        step = step * growth_steps(count, step, hp.growth)
+    return advance(count, step, cap)
+
+
 def _ratio(now: float, past: float) -> float:
     """``now / past`` for non-negative averages, with ``0/0`` read as "unchanged" (1)."""
     if past == 0:
@@ -310,7 +356,8 @@ def _ratio(now: float, past: float) -> float:
 
 
 def update(
-    hp: Hyperparameters, state: ControllerState, loss: float, residual: float | None = None
+    hp: Hyperparameters, state: ControllerState, loss: float, residual: float | None = None,
+    fidelity: float | None = None,
 ) -> tuple[ControllerState, CheckRecord]:
     """One check of the rule: the next state and the record of the check (pure).
 
@@ -324,6 +371,9 @@ def update(
         The monitored metric, already validated (finite, >= 0).
     residual : float or None
         The solve's residual at the current count, already validated, or ``None``.
+    fidelity : float or None
+        The gradient fidelity at the current counts, already validated, or ``None`` (read by
+        rule ``"fidelity"`` only; the last one given since the last refinement is kept).
 
     Returns
     -------
@@ -342,19 +392,56 @@ def update(
         residual <= hp.residual_tol
     )
     plateau = state.checks >= hp.lookback and _ratio(ema, recent[0]) > hp.tau_step
-    reason = _reason(hp, state, ema, plateau, converged)
-    checks, _, k, k_adjoint, checkpoint, stopped, _ = state
+    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen = state
+    if hp.rule == "fidelity" and fidelity is not None:
+        current, seen = fidelity, True
+    if hp.rule == "plateau":
+        reason = _reason(hp, state, ema, plateau, converged)
+    else:
+        reason = _reason_fidelity(hp, state, plateau, converged, current, seen)
     # Positional construction: this runs once per check, and keywords cost a third of it.
     record = CheckRecord(loss, ema, k, k_adjoint, reason, plateau, checkpoint, residual,
                          converged)
     if reason in REFINE_REASONS:
-        k = advance(k, hp.k_step, hp.k_max)
-        k_adjoint = advance(k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max)
-        checkpoint, stopped = ema, False
+        k = next_count(hp, k, hp.k_step, hp.k_max)
+        k_adjoint = next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max)
+        # A fidelity measured at the old counts says nothing about the new ones.
+        checkpoint, stopped, current = ema, False, None
     elif reason == "no gain":
         stopped = True
     return ControllerState(checks + 1, recent, k, k_adjoint, checkpoint, stopped,
-                           converged), record
+                           converged, current, seen), record
+
+
+def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str | None:
+    """Why a refinement that is due is held instead, or ``None`` when it goes ahead."""
+    if converged:
+        return "solver converged"
+    if state.k == next_count(hp, state.k, hp.k_step, hp.k_max) and (
+            state.k_adjoint == next_count(hp, state.k_adjoint, hp.k_adjoint_step,
+                                          hp.k_adjoint_max)):
+        return "at k_max"
+    return None
+
+
+def _reason_fidelity(
+    hp: Hyperparameters, state: ControllerState, plateau: bool, converged: bool,
+    fidelity: float | None, seen: bool,
+) -> str:
+    """The fidelity rule's reason, from the state before the check (pure)."""
+    if state.checks < hp.lookback:
+        return "warm-up"
+    if not seen:
+        # No fidelity signal was ever given: the loss alone cannot tell a floor set by the
+        # network from one set by the physics, so every plateau refines (never "stop").
+        if not plateau:
+            return "no plateau"
+        return _held(hp, state, converged) or "plateau"
+    if fidelity is None:
+        return "awaiting signal"
+    if fidelity <= hp.fidelity_tol:
+        return "fidelity ok"
+    return _held(hp, state, converged) or "fidelity"
 
 
 def _reason(
@@ -373,10 +460,4 @@ def _reason(
         reason = "worsened"
     else:
         return "no gain"
-    if converged:
-        return "solver converged"
-    if state.k == advance(state.k, hp.k_step, hp.k_max) and state.k_adjoint == advance(
-        state.k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max
-    ):
-        return "at k_max"
-    return reason
+    return _held(hp, state, converged) or reason

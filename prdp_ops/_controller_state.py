@@ -1,18 +1,24 @@
 """Saving and restoring a :class:`~prdp_ops.PRDPController`: ``state_dict`` and its parser.
 
-A state (format ``"prdp_ops.PRDPController"``, version 2) is a dict of JSON-serialisable plain
+A state (format ``"prdp_ops.PRDPController"``, version 3) is a dict of JSON-serialisable plain
 values in two parts:
 
 - the **resume state**, O(1) in the number of checks and enough to continue exactly:
   ``hyperparameters`` (the constructor arguments, resolved), ``checks``, ``recent_emas`` (the
   last ``min(checks, lookback)`` averages), ``k``, ``k_adjoint``, ``checkpoint`` (``None``
-  before the first refinement, as JSON has no infinity), ``stopped`` and ``solver_converged``;
+  before the first refinement, as JSON has no infinity), ``stopped``, ``solver_converged``,
+  ``fidelity`` (the gradient fidelity given at the current counts, or ``None``) and
+  ``signal_seen`` (whether any was ever given);
 - the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
   columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 50 bytes of JSON
   per check kept (at most ``history_limit`` of them).
 
 :func:`parse_state` checks every field, and the history against the resume state, before
-anything is changed. It also reads version-1 states, whose history is a list of entry dicts.
+anything is changed. It also reads version-1 states, whose history is a list of entry dicts,
+and version-1 and -2 states, saved before the rule was a setting: their hyperparameters lack
+``rule``, ``fidelity_tol`` and ``growth`` and are read as ``rule="plateau"`` (the only rule
+there was) with the default fidelity settings, and their resume state as one without a
+fidelity signal.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from prdp_ops._controller_columns import ColumnError, as_list, decode_json, desc
 from prdp_ops._controller_history import ROW_KEYS, History, converged, run_lengths
 from prdp_ops._controller_rule import (
     DECISION_OF,
+    DEFAULT_FIDELITY_TOL,
+    DEFAULT_GROWTH,
     REASON_CODE,
     REASONS,
     REFINE_REASONS,
@@ -39,17 +47,28 @@ from prdp_ops._controller_rule import (
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "encode_state", "parse_state"]
 
 STATE_FORMAT = "prdp_ops.PRDPController"
-STATE_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
-_STATE_KEYS = frozenset(
+STATE_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+_STATE_KEYS_V2 = frozenset(
     {"format", "version", "hyperparameters", "checks", "recent_emas", "k", "k_adjoint",
      "checkpoint", "stopped", "solver_converged", "history"}
 )
+_STATE_KEYS = _STATE_KEYS_V2 | {"fidelity", "signal_seen"}
+# What a state saved before the rule was a setting (versions 1 and 2) was run with.
+_PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY_TOL,
+                             "growth": DEFAULT_GROWTH}
 # Settings that shape only the bookkeeping, not the decisions: a state may be loaded into a
 # controller whose value differs (the loaded history is then cut to this controller's limit).
 _BOOKKEEPING = ("history_limit",)
 _REFINE_CODES = [REASON_CODE[reason] for reason in REFINE_REASONS]
 _PLATEAU_REASONS = ("improved", "worsened", "no gain", "at k_max", "solver converged")
+# The reasons each rule can give (REASONS lists them all, for the codes).
+_RULE_REASONS = {
+    "plateau": ("warm-up", "no plateau", "improved", "worsened", "no gain", "at k_max",
+                "solver converged", "stopped"),
+    "fidelity": ("warm-up", "no plateau", "at k_max", "solver converged", "plateau",
+                 "fidelity", "fidelity ok", "awaiting signal"),
+}
 _FIX_STATE = ("Pass a dict returned by PRDPController.state_dict() unmodified (a json.dumps/"
               "json.loads round trip is fine).")
 _FIX_HISTORY = ("The saved history is corrupt: set state['history'] = None to resume without "
@@ -71,6 +90,8 @@ def encode_state(
         "checkpoint": None if math.isinf(state.checkpoint) else state.checkpoint,
         "stopped": state.stopped,
         "solver_converged": state.solver_converged,
+        "fidelity": state.fidelity,
+        "signal_seen": state.signal_seen,
         "history": None if history is None else history.to_json(),
     }
 
@@ -107,6 +128,8 @@ def _check_hyperparameters(
                 if version > 1 or name not in _BOOKKEEPING}
     if not isinstance(saved, Mapping):
         raise _error("state['hyperparameters']", f"must be a dict; {_received(saved)}")
+    if version < 3:
+        saved = {**saved, **_PRE_RULE_HYPERPARAMETERS}
     if set(saved) != set(expected):
         raise _error("state['hyperparameters']", f"must have the keys {sorted(expected)}; "
                      f"received {sorted(map(str, saved))}.")
@@ -156,8 +179,10 @@ def parse_state(
         raise TypeError("PRDPController.load_state_dict: state must be a dict from "
                         f"state_dict(); received {type(saved).__name__}.")
     keys = set(saved)
-    if keys != _STATE_KEYS:
-        missing, unknown = sorted(_STATE_KEYS - keys), sorted(map(str, keys - _STATE_KEYS))
+    old = type(saved.get("version")) is int and saved["version"] in (1, 2)
+    expected_keys = _STATE_KEYS_V2 if old else _STATE_KEYS
+    if keys != expected_keys:
+        missing, unknown = sorted(expected_keys - keys), sorted(map(str, keys - expected_keys))
         raise _error("state", f"is not a PRDPController state (missing keys {missing}, "
                      f"unknown keys {unknown}).")
     version = saved["version"]
@@ -190,8 +215,20 @@ def parse_state(
         if not isinstance(saved[name], bool):
             raise _error(f"state[{name!r}]", f"must be True or False; {_received(saved[name])}")
         flags[name] = saved[name]
+    fidelity, signal_seen = None, False
+    if version >= 3:
+        if not isinstance(saved["signal_seen"], bool):
+            raise _error("state['signal_seen']",
+                         f"must be True or False; {_received(saved['signal_seen'])}")
+        signal_seen = saved["signal_seen"]
+        if saved["fidelity"] is not None:
+            fidelity = _number("state['fidelity']", saved["fidelity"])
+            if not signal_seen:
+                raise _error("state['fidelity']", f"= {fidelity!r} contradicts signal_seen = "
+                                                  "False (a fidelity was given).")
     state = ControllerState(checks=checks, recent_emas=recent_emas, k=k, k_adjoint=k_adjoint,
-                            checkpoint=checkpoint, **flags)
+                            checkpoint=checkpoint, **flags, fidelity=fidelity,
+                            signal_seen=signal_seen)
     return state, _parse_history(saved["history"], version, hp, history_limit, state)
 
 
@@ -280,10 +317,16 @@ def _check_history(
     def reason_at(index: int) -> str:
         return REASONS[reason[index]]
 
+    allowed = _RULE_REASONS[hp.rule]
+    check(~np.isin(reason, [REASON_CODE[name] for name in allowed]), "reason",
+          lambda i: f"reason {reason_at(i)!r} is not one of rule {hp.rule!r}'s: {list(allowed)}.")
     check((reason == REASON_CODE["warm-up"]) != (first + np.arange(length) < hp.lookback), "reason",
           lambda i: f"reason {reason_at(i)!r} contradicts the warm-up, which is exactly the "
                     f"first lookback = {hp.lookback} checks.")
-    needs = np.isin(reason, [REASON_CODE[name] for name in _PLATEAU_REASONS])
+    # Under rule="fidelity" a held refinement ("at k_max", "solver converged") may be due to
+    # the fidelity signal, without a plateau; only the loss-only "plateau" refinement needs one.
+    plateau_reasons = _PLATEAU_REASONS if hp.rule == "plateau" else ("plateau",)
+    needs = np.isin(reason, [REASON_CODE[name] for name in plateau_reasons])
     excludes = np.isin(reason, [REASON_CODE["warm-up"], REASON_CODE["no plateau"]])
     check((needs & ~plateau) | (excludes & plateau), "plateau",
           lambda i: f"plateau = {int(plateau[i])} contradicts the reason {reason_at(i)!r}.")
@@ -299,7 +342,12 @@ def _check_history(
         counts = np.frombuffer(columns[name], dtype=np.int64)
         check(counts < minimum, name, lambda i, name=name, counts=counts, minimum=minimum: (
             f"{name} = {counts[i]} is below its minimum {minimum}."))
-        stepped = counts + step if cap is None else np.minimum(counts + step, cap)
+        if hp.rule == "fidelity":  # geometric growth on the k_min + j * step grid
+            steps = np.maximum(1, np.round((hp.growth - 1.0) * counts / step)).astype(np.int64)
+            grown = counts + step * steps
+        else:
+            grown = counts + step
+        stepped = grown if cap is None else np.minimum(grown, cap)
         after = np.where(refine, stepped, counts)
         following = np.append(counts[1:], now)
         check(after != following, name,

@@ -10,6 +10,7 @@ exactly, check by check.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -23,6 +24,10 @@ from hypothesis import strategies as st
 
 import prdp_ops as po
 from prdp_ops._controller import cumulative_iterations
+
+# These tests pin the paper's rule (rule="plateau"); the default rule, "fidelity", has its
+# own tests in tests/test_controller_fidelity.py.
+plateau_controller = functools.partial(po.PRDPController, rule="plateau")
 
 # --------------------------------------------------------------------------- the reference
 
@@ -170,7 +175,7 @@ def test_decisions_match_exact_reference(params, losses):
         expected = reference_run(from_list(losses), len(losses), **params)
     except _NearTieError:
         assume(False)
-    controller = po.PRDPController(**params)
+    controller = plateau_controller(**params)
     assert run_controller(controller, from_list(losses), len(losses)) == expected
     assert [entry["decision"] for entry in controller.history] == [e[0] for e in expected]
 
@@ -190,7 +195,7 @@ def test_closed_loop_training_curve_refines_then_stops(k_converged, use_ema):
     params = {"k_min": 1, "k_step": 1, "tau_step": 0.98, "tau_stop": 0.9, "ema_window": 6,
               "lookback": 3, "use_ema": use_ema}
     loss_at = _training_curve(k_converged)
-    controller = po.PRDPController(**params)
+    controller = plateau_controller(**params)
     got = run_controller(controller, loss_at, 150)
     assert got == reference_run(loss_at, 150, **params)
     stops = [check for check, (decision, _, _) in enumerate(got) if decision == "stop"]
@@ -210,7 +215,7 @@ def test_closed_loop_matches_reference(params, k_converged, floor):
         expected = reference_run(loss_at, 80, **params)
     except _NearTieError:
         assume(False)
-    assert run_controller(po.PRDPController(**params), loss_at, 80) == expected
+    assert run_controller(plateau_controller(**params), loss_at, 80) == expected
 
 
 # --------------------------------------------------------------------------- hand-checked cases
@@ -220,7 +225,7 @@ def test_hand_computed_sequence_without_ema():
     # lookback 2: ratio to the previous value. check2: 8.9/9 > 0.92 plateau, no checkpoint
     # -> refine (c = 8.9); check3: 5/8.9 no plateau; check4: 4.9/5 plateau, 4.9 < 0.9*8.9
     # -> refine (c = 4.9); check5: 4.8/4.9 plateau, 0.9*4.9 <= 4.8 <= 4.9 -> stop.
-    controller = po.PRDPController(k_min=25, k_step=10, k_max=600, tau_step=0.92, lookback=2,
+    controller = plateau_controller(k_min=25, k_step=10, k_max=600, tau_step=0.92, lookback=2,
                                    use_ema=False)
     got = decisions(controller, [10, 9, 8.9, 5, 4.9, 4.8, 1.0, 1.0])
     assert got == ["hold", "hold", "refine", "hold", "refine", "stop", "hold", "hold"]
@@ -232,7 +237,7 @@ def test_hand_computed_sequence_without_ema():
 
 
 def test_ema_is_recursive_and_seeded_with_first_value():
-    controller = po.PRDPController(ema_window=3)  # alpha = 1/2
+    controller = plateau_controller(ema_window=3)  # alpha = 1/2
     for loss in [4.0, 2.0, 8.0]:
         controller.update(loss)
     assert [e["ema"] for e in controller.history] == [4.0, 3.0, 5.5]
@@ -241,7 +246,7 @@ def test_ema_is_recursive_and_seeded_with_first_value():
 def test_no_decision_before_more_than_lookback_values():
     # Constant losses are a plateau from the start; the first decision is at check `lookback`.
     for lookback in (2, 3, 5):
-        controller = po.PRDPController(lookback=lookback)
+        controller = plateau_controller(lookback=lookback)
         got = decisions(controller, [1.0] * (lookback + 1))
         assert got == ["hold"] * lookback + ["refine"]
         assert [e["plateau"] for e in controller.history] == [False] * lookback + [True]
@@ -249,29 +254,29 @@ def test_no_decision_before_more_than_lookback_values():
 
 def test_lookback_compares_with_lookback_minus_one_checks_ago():
     losses = [5.0, 4.0, 1.0, 1.0]  # last/previous = 1 (flat), last/two-ago = 0.25 (falling)
-    assert decisions(po.PRDPController(lookback=2, use_ema=False), losses)[-1] == "refine"
-    assert decisions(po.PRDPController(lookback=3, use_ema=False), losses)[-1] == "hold"
+    assert decisions(plateau_controller(lookback=2, use_ema=False), losses)[-1] == "refine"
+    assert decisions(plateau_controller(lookback=3, use_ema=False), losses)[-1] == "hold"
 
 
 def test_tau_step_boundary_is_strict():
     losses = [1.0, 1.0, 0.5]  # ratio exactly 0.5 at check 2
-    assert decisions(po.PRDPController(tau_step=0.5, lookback=2, use_ema=False),
+    assert decisions(plateau_controller(tau_step=0.5, lookback=2, use_ema=False),
                      losses)[-1] == "hold"
-    assert decisions(po.PRDPController(tau_step=0.49, lookback=2, use_ema=False),
+    assert decisions(plateau_controller(tau_step=0.49, lookback=2, use_ema=False),
                      losses)[-1] == "refine"
 
 
 def test_tau_stop_boundary_is_strict():
     # refine at check 2 (checkpoint 1.0); check 4 is a plateau at 0.5 = tau_stop * checkpoint.
     losses = [1.0, 1.0, 1.0, 0.5, 0.5]
-    assert decisions(po.PRDPController(tau_stop=0.5, lookback=2, use_ema=False),
+    assert decisions(plateau_controller(tau_stop=0.5, lookback=2, use_ema=False),
                      losses)[-1] == "stop"
-    assert decisions(po.PRDPController(tau_stop=0.5000001, lookback=2, use_ema=False),
+    assert decisions(plateau_controller(tau_stop=0.5000001, lookback=2, use_ema=False),
                      losses)[-1] == "refine"
 
 
 def test_rise_counts_as_plateau_and_worse_than_checkpoint_refines():
-    controller = po.PRDPController(lookback=2, use_ema=False)
+    controller = plateau_controller(lookback=2, use_ema=False)
     got = decisions(controller, [1.0, 0.5, 0.25, 0.5, 0.6])
     # check3: rise 0.25 -> 0.5 is a plateau, first checkpoint -> refine (c = 0.5);
     # check4: rise again, 0.6 > c -> refine ("worsened").
@@ -281,7 +286,7 @@ def test_rise_counts_as_plateau_and_worse_than_checkpoint_refines():
 
 
 def test_zero_losses_are_a_plateau():
-    got = decisions(po.PRDPController(lookback=2), [0.0, 0.0, 0.0, 0.0])
+    got = decisions(plateau_controller(lookback=2), [0.0, 0.0, 0.0, 0.0])
     assert got == ["hold", "hold", "refine", "stop"]
 
 
@@ -289,7 +294,7 @@ def test_zero_losses_are_a_plateau():
 def test_latch(latch):
     # refine at check 2 (c = 1); stop at check 4 (0.95 is within 10% of c); later the loss
     # falls well below c and plateaus again at check 6.
-    controller = po.PRDPController(lookback=2, use_ema=False, latch=latch)
+    controller = plateau_controller(lookback=2, use_ema=False, latch=latch)
     got = decisions(controller, [1.0, 1.0, 1.0, 0.95, 0.95, 0.5, 0.5])
     assert got[:5] == ["hold", "hold", "refine", "hold", "stop"]
     if latch:
@@ -301,7 +306,7 @@ def test_latch(latch):
 
 
 def test_k_max_caps_and_holds():
-    controller = po.PRDPController(k_min=1, k_step=2, k_max=4, lookback=2, use_ema=False)
+    controller = plateau_controller(k_min=1, k_step=2, k_max=4, lookback=2, use_ema=False)
     got = decisions(controller, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # rising: every check refines
     assert got == ["hold", "hold", "refine", "refine", "hold", "hold"]
     assert [e["k"] for e in controller.history] == [1, 1, 1, 3, 4, 4]
@@ -311,14 +316,14 @@ def test_k_max_caps_and_holds():
 
 
 def test_adjoint_follows_forward_by_default():
-    controller = po.PRDPController(k_min=2, k_step=3, lookback=2, use_ema=False)
+    controller = plateau_controller(k_min=2, k_step=3, lookback=2, use_ema=False)
     decisions(controller, [1.0, 2.0, 3.0, 4.0, 5.0])
     assert controller.k == controller.k_adjoint == 11  # refined at checks 2, 3, 4
     assert all(e["k"] == e["k_adjoint"] for e in controller.history)
 
 
 def test_adjoint_schedule_configured_separately():
-    controller = po.PRDPController(k_min=1, k_step=1, k_max=2, k_adjoint_min=1,
+    controller = plateau_controller(k_min=1, k_step=1, k_max=2, k_adjoint_min=1,
                                    k_adjoint_step=3, k_adjoint_max=10, lookback=2,
                                    use_ema=False)
     decisions(controller, [float(v) for v in range(1, 9)])
@@ -337,7 +342,7 @@ def test_ema_stays_finite_and_exact_over_long_runs():
     #   e_a = (1-alpha) e_b + alpha a,  e_b = (1-alpha) e_a + alpha b.
     n, a, b, window = 100_000, 1.0, 3.0, 6
     alpha = 2 / (window + 1)
-    controller = po.PRDPController(ema_window=window)
+    controller = plateau_controller(ema_window=window)
     sizes = []
     for i in range(n):
         controller.update(a if i % 2 == 0 else b)
@@ -363,13 +368,13 @@ def test_ema_stays_finite_and_exact_over_long_runs():
 def test_resume_from_state_dict_equals_uninterrupted(params, losses, data):
     params = _make_valid(params)
     split = data.draw(st.integers(0, len(losses)))
-    uninterrupted = po.PRDPController(**params)
+    uninterrupted = plateau_controller(**params)
     expected = decisions(uninterrupted, losses)
 
-    first = po.PRDPController(**params)
+    first = plateau_controller(**params)
     got = decisions(first, losses[:split])
     saved = json.loads(json.dumps(first.state_dict()))
-    resumed = po.PRDPController(**saved["hyperparameters"])
+    resumed = plateau_controller(**saved["hyperparameters"])
     resumed.load_state_dict(saved)
     got += decisions(resumed, losses[split:])
 
@@ -379,7 +384,7 @@ def test_resume_from_state_dict_equals_uninterrupted(params, losses, data):
 
 
 def test_state_dict_is_plain_json_with_no_infinity():
-    controller = po.PRDPController()
+    controller = plateau_controller()
     controller.update(np.float64(1.0))
     state = controller.state_dict()
     text = json.dumps(state, allow_nan=False)  # raises on inf/nan
@@ -389,8 +394,8 @@ def test_state_dict_is_plain_json_with_no_infinity():
 
 
 def test_load_state_dict_rejects_other_hyperparameters():
-    state = po.PRDPController(tau_step=0.9).state_dict()
-    controller = po.PRDPController(tau_step=0.95)
+    state = plateau_controller(tau_step=0.9).state_dict()
+    controller = plateau_controller(tau_step=0.95)
     before = controller.state_dict()
     with pytest.raises(ValueError, match="tau_step"):
         controller.load_state_dict(state)
@@ -411,11 +416,11 @@ def test_load_state_dict_rejects_other_hyperparameters():
     ],
 )
 def test_load_state_dict_validates(tamper, match):
-    controller = po.PRDPController(k_max=10)
+    controller = plateau_controller(k_max=10)
     decisions(controller, [3.0, 2.0, 1.0, 1.0])
     state = controller.state_dict()
     tamper(state)
-    fresh = po.PRDPController(k_max=10)
+    fresh = plateau_controller(k_max=10)
     before = fresh.state_dict()
     with pytest.raises(ValueError, match=match):
         fresh.load_state_dict(state)
@@ -424,14 +429,14 @@ def test_load_state_dict_validates(tamper, match):
 
 def test_load_state_dict_rejects_non_mapping():
     with pytest.raises(TypeError, match="state must be a dict"):
-        po.PRDPController().load_state_dict([1, 2])
+        plateau_controller().load_state_dict([1, 2])
 
 
 def test_load_state_dict_does_not_alias_the_input():
-    controller = po.PRDPController()
+    controller = plateau_controller()
     decisions(controller, [1.0, 1.0])
     state = controller.state_dict()
-    other = po.PRDPController()
+    other = plateau_controller()
     other.load_state_dict(state)
     state["history"]["loss"][0] = 123.0
     assert other.history[0]["loss"] == 1.0
@@ -469,11 +474,11 @@ def test_load_state_dict_does_not_alias_the_input():
 )
 def test_bad_hyperparameters(kwargs, error, name):
     with pytest.raises(error, match=name):
-        po.PRDPController(**kwargs)
+        plateau_controller(**kwargs)
 
 
 def test_numpy_integer_hyperparameters_are_accepted():
-    controller = po.PRDPController(k_min=np.int64(2), lookback=np.int32(4))
+    controller = plateau_controller(k_min=np.int64(2), lookback=np.int32(4))
     assert controller.k == 2 and type(controller.k) is int
     json.dumps(controller.state_dict())
 
@@ -495,20 +500,20 @@ def test_numpy_integer_hyperparameters_are_accepted():
     ],
 )
 def test_bad_loss_is_rejected_without_changing_state(loss, error):
-    controller = po.PRDPController(lookback=2, use_ema=False)
+    controller = plateau_controller(lookback=2, use_ema=False)
     decisions(controller, [3.0, 2.0, 2.0])
     before = controller.state_dict()
     with pytest.raises(error, match="loss"):
         controller.update(loss)
     assert controller.state_dict() == before
     # The run continues exactly as if the bad value had never been offered.
-    reference = po.PRDPController(lookback=2, use_ema=False)
+    reference = plateau_controller(lookback=2, use_ema=False)
     decisions(reference, [3.0, 2.0, 2.0])
     assert controller.update(1.9) == reference.update(1.9)
 
 
 def test_bad_residual_is_rejected_without_changing_state():
-    controller = po.PRDPController(residual_tol=1e-6)
+    controller = plateau_controller(residual_tol=1e-6)
     controller.update(1.0)
     before = controller.state_dict()
     with pytest.raises(ValueError, match="residual"):
@@ -518,7 +523,7 @@ def test_bad_residual_is_rejected_without_changing_state():
 
 def test_array_scalars_from_numpy_and_jax():
     jnp = pytest.importorskip("jax.numpy")
-    controller = po.PRDPController()
+    controller = plateau_controller()
     controller.update(np.float32(0.5))
     controller.update(np.array(0.25))
     controller.update(jnp.asarray(0.125), residual=jnp.asarray(1e-3))
@@ -533,7 +538,7 @@ def test_array_scalars_from_numpy_and_jax():
 
 
 def test_residual_signal_suppresses_refinement_until_solve_unconverged():
-    controller = po.PRDPController(lookback=2, use_ema=False, residual_tol=1e-6)
+    controller = plateau_controller(lookback=2, use_ema=False, residual_tol=1e-6)
     losses = [1.0, 1.0, 1.0, 1.0, 1.0]
     residuals = [1e-2, 1e-2, 1e-8, 1e-6, 1e-3]  # converged (<= tol) at checks 2 and 3
     got = [controller.update(loss, residual=r) for loss, r in zip(losses, residuals, strict=True)]
@@ -553,13 +558,13 @@ def test_residual_matches_reference():
     losses = [1.0, 0.9, 0.89, 0.5, 0.49, 0.3, 0.299, 0.298, 0.1, 0.1]
     def residual_at(check, k):
         return 10.0 ** (-k)  # converged from k = 4 on
-    got = run_controller(po.PRDPController(**params), from_list(losses), len(losses),
+    got = run_controller(plateau_controller(**params), from_list(losses), len(losses),
                          residual_at)
     assert got == reference_run(from_list(losses), len(losses), residual_at, **params)
 
 
 def test_residual_is_recorded_but_ignored_without_tolerance():
-    controller = po.PRDPController(lookback=2, use_ema=False)
+    controller = plateau_controller(lookback=2, use_ema=False)
     got = [controller.update(1.0, residual=0.0) for _ in range(3)]
     assert got[-1] == "refine"
     assert controller.history[-1]["residual"] == 0.0
@@ -570,7 +575,7 @@ def test_residual_is_recorded_but_ignored_without_tolerance():
 
 
 def test_logs_refine_and_stop_at_info(caplog):
-    controller = po.PRDPController(lookback=2, use_ema=False)
+    controller = plateau_controller(lookback=2, use_ema=False)
     with caplog.at_level(logging.INFO, logger="prdp_ops"):
         decisions(controller, [1.0, 1.0, 1.0, 1.0])
     messages = [r.getMessage() for r in caplog.records if r.name == "prdp_ops"]
@@ -580,14 +585,14 @@ def test_logs_refine_and_stop_at_info(caplog):
 
 
 def test_history_is_a_copy():
-    controller = po.PRDPController()
+    controller = plateau_controller()
     controller.update(1.0)
     controller.history[0]["loss"] = 99.0
     assert controller.history[0]["loss"] == 1.0
 
 
 def test_cumulative_iterations():
-    controller = po.PRDPController(k_min=2, k_step=3, k_adjoint_min=1, k_adjoint_step=1,
+    controller = plateau_controller(k_min=2, k_step=3, k_adjoint_min=1, k_adjoint_step=1,
                                    lookback=2, use_ema=False)
     decisions(controller, [1.0, 1.0, 1.0, 1.0, 0.5])  # refine at check 2 only, stop at 3
     history = controller.history
@@ -600,7 +605,7 @@ def test_cumulative_iterations():
 
 
 def test_repr_names_hyperparameters():
-    assert "tau_step=0.9" in repr(po.PRDPController(tau_step=0.9))
+    assert "tau_step=0.9" in repr(plateau_controller(tau_step=0.9))
 
 
 # --------------------------------------------------------------------------- plotting
@@ -610,7 +615,7 @@ def test_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     from prdp_ops.plotting import plot_prdp
 
-    controller = po.PRDPController(k_adjoint_step=2)
+    controller = plateau_controller(k_adjoint_step=2)
     run_controller(controller, _training_curve(4), 60)
     path = tmp_path / "prdp.png"
     figure = plot_prdp(controller.history, baseline_k=20, solves_per_check=8,

@@ -10,6 +10,7 @@ corrupt field by name instead of passing it on to a plot.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import pickle
 
@@ -19,6 +20,10 @@ from hypothesis import strategies as st
 
 import prdp_ops as po
 from prdp_ops._controller import cumulative_iterations
+
+# These tests pin the paper's rule (rule="plateau"); the default rule, "fidelity", has its
+# own tests in tests/test_controller_fidelity.py.
+plateau_controller = functools.partial(po.PRDPController, rule="plateau")
 
 # Covers every reason but "stopped" (which needs latch=True): see test_fixture_covers_reasons.
 SETTINGS = {"k_max": 4, "k_adjoint_step": 2, "k_adjoint_max": 7, "lookback": 2,
@@ -34,7 +39,7 @@ def run(controller, losses, residuals=None):
 
 
 def fixture_controller(**overrides):
-    controller = po.PRDPController(**{**SETTINGS, **overrides})
+    controller = plateau_controller(**{**SETTINGS, **overrides})
     run(controller, LOSSES, RESIDUALS)
     return controller
 
@@ -54,7 +59,7 @@ def test_fixture_covers_reasons():
 
 
 def test_resume_state_is_o1_and_small():
-    controller = po.PRDPController(k_max=200)
+    controller = plateau_controller(k_max=200)
     sizes = {}
     for n, loss in enumerate(long_losses(100_000), start=1):
         controller.update(loss)
@@ -67,7 +72,7 @@ def test_resume_state_is_o1_and_small():
 
 
 def test_full_history_is_compact():
-    controller = po.PRDPController(k_max=200)
+    controller = plateau_controller(k_max=200)
     run(controller, long_losses(100_000))
     text = json.dumps(controller.state_dict(), allow_nan=False)
     # One entry dict per check took ~280 bytes; two floats and three small ints take ~52.
@@ -75,7 +80,7 @@ def test_full_history_is_compact():
 
 
 def test_history_limit_bounds_the_saved_state():
-    controller = po.PRDPController(k_max=200, history_limit=100)
+    controller = plateau_controller(k_max=200, history_limit=100)
     run(controller, long_losses(100_000))
     history = controller.history
     assert len(history) == 100
@@ -86,14 +91,14 @@ def test_history_limit_bounds_the_saved_state():
 def test_history_limit_bounds_the_memory_held():
     # A pickle holds every stored column: with a limit, old entries must really be dropped
     # (in blocks), not only hidden from the views.
-    limited, full = po.PRDPController(history_limit=100), po.PRDPController()
+    limited, full = plateau_controller(history_limit=100), plateau_controller()
     losses = long_losses(100_000)
     run(limited, losses)
     run(full, losses)
     assert len(pickle.dumps(limited)) < 100_000  # at most 2 * 100 + 1024 entries of 50 bytes
     assert len(pickle.dumps(full)) > 50 * 100_000
     assert pickle.loads(pickle.dumps(limited)).history == limited.history
-    loaded = po.PRDPController(history_limit=100)
+    loaded = plateau_controller(history_limit=100)
     loaded.load_state_dict(full.state_dict())  # a longer saved history is cut on load
     assert len(pickle.dumps(loaded)) < 100_000
     assert loaded.history == limited.history
@@ -103,7 +108,7 @@ def test_history_limit_bounds_the_memory_held():
 def test_limited_history_is_the_tail_of_the_full_one(limit):
     # 3000 checks pass the block in which a limited history drops old entries (2 limit + 1024).
     losses = long_losses(3000)
-    full, limited = po.PRDPController(), po.PRDPController(history_limit=limit)
+    full, limited = plateau_controller(), plateau_controller(history_limit=limit)
     assert run(full, losses) == run(limited, losses)
     expected = full.history[len(losses) - limit:] if limit else []
     assert limited.history == expected
@@ -132,13 +137,13 @@ def test_resume_equals_uninterrupted(params, steps, data):
     loaded_limit = data.draw(st.sampled_from([None, 0, 2, 50]), label="loaded_limit")
     losses, residuals = [s[0] for s in steps], [s[1] for s in steps]
 
-    uninterrupted = po.PRDPController(**params)
+    uninterrupted = plateau_controller(**params)
     expected = run(uninterrupted, losses, residuals)
-    first = po.PRDPController(**params, history_limit=saved_limit)
+    first = plateau_controller(**params, history_limit=saved_limit)
     got = run(first, losses[:split], residuals[:split])
     saved = json.loads(json.dumps(first.state_dict(include_history=include_history),
                                   allow_nan=False))
-    resumed = po.PRDPController(**params, history_limit=loaded_limit)
+    resumed = plateau_controller(**params, history_limit=loaded_limit)
     resumed.load_state_dict(saved)
     got += run(resumed, losses[split:], residuals[split:])
 
@@ -161,7 +166,7 @@ def test_resume_equals_uninterrupted(params, steps, data):
 def test_resume_from_saved_history_continues_the_plot_data():
     controller = fixture_controller()
     state = json.loads(json.dumps(controller.state_dict()))
-    resumed = po.PRDPController(**state["hyperparameters"])
+    resumed = plateau_controller(**state["hyperparameters"])
     resumed.load_state_dict(state)
     assert resumed.history == controller.history
     assert resumed.state_dict() == controller.state_dict()
@@ -169,18 +174,45 @@ def test_resume_from_saved_history_continues_the_plot_data():
         cumulative_iterations(controller.history, include_adjoint=True))
 
 
+_ADDED_IN_3 = ("rule", "fidelity_tol", "growth")
+
+
+def _old_state(state, version, history):
+    """``state`` as version 1 or 2 wrote it: no rule settings, no fidelity fields."""
+    dropped = _ADDED_IN_3 + (("history_limit",) if version == 1 else ())
+    hyper = {name: value for name, value in state["hyperparameters"].items()
+             if name not in dropped}
+    old = {key: value for key, value in state.items() if key not in ("fidelity", "signal_seen")}
+    return {**old, "version": version, "hyperparameters": hyper, "history": history}
+
+
 def test_version_1_states_still_load():
     controller = fixture_controller()
     state = controller.state_dict()
-    hyper = {name: value for name, value in state["hyperparameters"].items()
-             if name != "history_limit"}
-    old = {**state, "version": 1, "hyperparameters": hyper, "history": controller.history}
-    resumed = po.PRDPController(**hyper)
+    old = _old_state(state, 1, controller.history)
+    hyper = {name: value for name, value in old["hyperparameters"].items()}
+    resumed = plateau_controller(**hyper)
     resumed.load_state_dict(json.loads(json.dumps(old)))
     assert resumed.state_dict() == state
     old["history"][4]["decision"] = "refine"  # the reason says "solver converged": a hold
     with pytest.raises(ValueError, match=r"state\['history'\]\[4\]\['decision'\]"):
-        po.PRDPController(**hyper).load_state_dict(old)
+        plateau_controller(**hyper).load_state_dict(old)
+
+
+def test_version_2_states_load_as_the_plateau_rule():
+    """A state saved before ``rule`` existed was run by the paper's rule: it resumes exactly
+    into ``rule="plateau"``, and a controller with the fidelity rule refuses it by name."""
+    controller = fixture_controller()
+    state = controller.state_dict()
+    old = json.loads(json.dumps(_old_state(state, 2, state["history"])))
+    assert "rule" not in old["hyperparameters"]
+    resumed = po.PRDPController(**old["hyperparameters"], rule="plateau")
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == state
+    for loss in (0.3, 0.2999, 0.29985):
+        assert resumed.update(loss) == controller.update(loss)
+    with pytest.raises(ValueError, match=r"differ from this controller's in \['rule'\]"):
+        po.PRDPController(**old["hyperparameters"]).load_state_dict(old)
 
 
 # --------------------------------------------------------------------------- strict loading
@@ -215,7 +247,9 @@ BAD_STATES = [
     (_set((H, "ema", 2), float("inf")), r"\['ema'\]\[2\]"),
     (lambda s: s[H]["ema"].pop(), r"\['ema'\] must have 11 entries"),
     (_set((H, "residual", 0), "small"), r"\['residual'\]\[0\] must be .* or None"),
-    (_set((H, "reason", 5), 8), r"\['reason'\]\[5\] must be a reason code 0\.\.7"),
+    (_set((H, "reason", 5), 12), r"\['reason'\]\[5\] must be a reason code 0\.\.11"),
+    (_set((H, "reason", 5), 9), r"\['reason'\]\[5\] .*reason 'fidelity' is not one of rule "
+                                r"'plateau'"),
     (_set((H, "reason", 5), 2.0), r"\['reason'\]\[5\]"),
     (_set((H, "reason", 5), "improved"), r"\['reason'\]\[5\]"),
     (_set((H, "plateau", 5), 2), r"\['plateau'\]\[5\] must be 0 or 1"),
@@ -269,7 +303,7 @@ BAD_STATES = [
 def test_every_corrupt_field_is_refused_by_name(tamper, match):
     state = json.loads(json.dumps(fixture_controller().state_dict()))
     tamper(state)
-    fresh = po.PRDPController(**SETTINGS)
+    fresh = plateau_controller(**SETTINGS)
     before = fresh.state_dict()
     original = copy.deepcopy(state)
     with pytest.raises(ValueError, match=match) as caught:
@@ -288,13 +322,13 @@ def test_every_corrupt_field_is_refused_by_name(tamper, match):
 
 def test_a_corrupt_history_can_be_dropped_and_the_run_continues_exactly():
     losses = long_losses(60)
-    uninterrupted = po.PRDPController(k_max=20)
+    uninterrupted = plateau_controller(k_max=20)
     expected = run(uninterrupted, losses)
-    first = po.PRDPController(k_max=20)
+    first = plateau_controller(k_max=20)
     got = run(first, losses[:30])
     state = json.loads(json.dumps(first.state_dict()))
     state["history"]["loss"][7] = "corrupt"
-    resumed = po.PRDPController(k_max=20)
+    resumed = plateau_controller(k_max=20)
     with pytest.raises(ValueError, match="history"):
         resumed.load_state_dict(state)
     state["history"] = None
@@ -305,10 +339,10 @@ def test_a_corrupt_history_can_be_dropped_and_the_run_continues_exactly():
 
 def test_history_limit_may_differ_on_load():
     state = fixture_controller().state_dict()
-    short = po.PRDPController(**SETTINGS, history_limit=3)
+    short = plateau_controller(**SETTINGS, history_limit=3)
     short.load_state_dict(state)
     assert [entry["check"] for entry in short.history] == [8, 9, 10]
-    longer = po.PRDPController(**SETTINGS)
+    longer = plateau_controller(**SETTINGS)
     longer.load_state_dict(short.state_dict())
     assert longer.history == short.history
     assert longer.hyperparameters()["history_limit"] is None
@@ -321,18 +355,18 @@ def test_history_limit_may_differ_on_load():
                                               (True, TypeError)])
 def test_bad_history_limit(value, error):
     with pytest.raises(error, match="history_limit"):
-        po.PRDPController(history_limit=value)
+        plateau_controller(history_limit=value)
 
 
 def test_include_history_must_be_a_bool():
     with pytest.raises(TypeError, match="include_history"):
-        po.PRDPController().state_dict(include_history="no")
+        plateau_controller().state_dict(include_history="no")
 
 
 def test_hyperparameters_round_trip_with_history_limit():
-    controller = po.PRDPController(k_max=9, history_limit=7)
+    controller = plateau_controller(k_max=9, history_limit=7)
     assert controller.hyperparameters()["history_limit"] == 7
-    clone = po.PRDPController(**controller.hyperparameters())
+    clone = plateau_controller(**controller.hyperparameters())
     assert clone.hyperparameters() == controller.hyperparameters()
     assert "history_limit=7" in repr(controller)
 
