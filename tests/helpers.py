@@ -87,6 +87,12 @@ class SolverCase:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.name}({opts})" if opts else self.name
 
+    @property
+    def permutation_equivariant(self) -> bool:
+        """Whether renumbering the unknowns gives the same iterates in exact arithmetic
+        (inner products and products only); SOR sweeps in index order, so it does not."""
+        return self.name != "sor"
+
     def matrix_for(self, n: int, dtype: Any = np.float64, seed: int = 0) -> np.ndarray:
         """A dense test matrix of this case's family."""
         if self.matrix == "spd":
@@ -171,7 +177,7 @@ def eps(dtype: Any) -> float:
     return float(np.finfo(dtype).eps)
 
 
-def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, adjoint: bool = False,
+def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, power: int = 1,
               safety: float = AGREE_SAFETY) -> float:
     """A normwise relative tolerance for two computations of the same quantity whose sums run
     in different orders: another CPU's BLAS kernels, XLA against NumPy, SciPy against us, a
@@ -183,9 +189,11 @@ def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, adjoint: bo
     iteration takes k such perturbations, each amplified by at most the condition number of
     what it perturbs:
 
-    * forward (an iterate, a solution): ``eps * cond * k``;
-    * adjoint (a cotangent: ``A^T lambda = g`` solved for a ``g`` that already carries the
-      forward error, or a reverse sweep through k steps): ``eps * cond**2 * k``.
+    * ``power=1``, forward (an iterate, a solution): ``eps * cond * k``;
+    * ``power=2``, adjoint (a cotangent: ``A^T lambda = g`` solved for a ``g`` that already
+      carries the forward error, or a reverse sweep through k steps), and a residual
+      ``b - A x`` of a forward iterate (``||A dx|| <= ||A|| ||dx||`` and ``||A|| ||x|| <=
+      cond ||b||``), relative to ``||b||``: ``eps * cond**2 * k``.
 
     ``iterations`` is the number of steps that ran (``result.iterations`` of a converged
     solve). Use it with :func:`assert_agree`: the bound is normwise, so it is measured against
@@ -202,7 +210,7 @@ def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, adjoint: bo
     Two computations of the same code in the same order are bit-identical and need none of
     this: compare those tightly (or exactly) and say so.
     """
-    return safety * eps(dtype) * max(int(iterations), 1) * float(cond) ** (2 if adjoint else 1)
+    return safety * eps(dtype) * max(int(iterations), 1) * float(cond) ** power
 
 
 def converged_tol(cond: float, *relative_residuals: float, n: int = 1) -> float:
@@ -231,11 +239,12 @@ def relative_residual(A: Any, b: Any, x: Any) -> float:
 def permutation_spread(compute: Any, n: int, trials: int = 3, seed: int = 0) -> tuple:
     """How far rounding alone moves a result: ``compute(perm)`` must solve the problem with
     its unknowns reordered by ``perm`` (``A[perm][:, perm]``, ``b[perm]``) and return its
-    results (a tuple of arrays) mapped back to the original order. Every solver here is
-    permutation-equivariant (inner products, norms, matrix-vector products), so in exact
-    arithmetic every ``perm`` gives the same result; in floating point each reorders the
-    sums. Returns ``(reference, spreads)``: the unpermuted result and, per output, the largest
-    entrywise difference that ``trials`` random permutations produced.
+    results (a tuple of arrays) mapped back to the original order. A solver built of inner
+    products, norms and matrix-vector products (every one here but SOR, see
+    ``SolverCase.permutation_equivariant``) gives the same result for every ``perm`` in exact
+    arithmetic; in floating point each reorders the sums. Returns ``(reference, spreads)``:
+    the unpermuted result and, per output, the largest entrywise difference that ``trials``
+    random permutations produced.
 
     This measures the sensitivity that :func:`agree_tol`'s model cannot bound (Krylov runs
     past their loss of orthogonality, derivatives through them). Take several trials: one
@@ -246,7 +255,8 @@ def permutation_spread(compute: Any, n: int, trials: int = 3, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     for _ in range(trials):
         other = compute(rng.permutation(n))
-        spreads = [np.maximum(s, np.max(np.abs(np.asarray(o) - r)))
+        # fmax skips NaN: padding past the end of a run that stopped one step earlier
+        spreads = [np.fmax(s, np.nanmax(np.abs(np.asarray(o) - r), initial=0.0))
                    for s, o, r in zip(spreads, other, reference, strict=True)]
     return reference, tuple(float(s) for s in spreads)
 

@@ -13,6 +13,9 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+from helpers import agree_tol
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
@@ -53,9 +56,10 @@ SCRIPT = textwrap.dedent("""
                     static_argnums=4)
         (_, xs), grads = f(A, b, c, rhs, adjoint)
         (_, xs_sh), grads_sh = f(*sharded, adjoint)
+        relative = lambda u, v: float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(u)))
         out[adjoint] = {
-            "x_error": max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(xs, xs_sh)),
-            "grad_error": max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(grads, grads_sh)),
+            "x_error": max(relative(u, v) for u, v in zip(xs, xs_sh)),
+            "grad_error": max(relative(u, v) for u, v in zip(grads, grads_sh)),
             "x_sharding_kept": [v.sharding.is_equivalent_to(shard_vec, 1) for v in xs_sh],
             "grad_sharding_kept": [g.sharding.is_equivalent_to(s.sharding, g.ndim)
                                    for g, s in zip(grads_sh, sharded)],
@@ -75,10 +79,13 @@ def test_sharded_solve_matches_unsharded_and_keeps_sharding() -> None:
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    for adjoint in ("implicit", "unrolled"):
+    # Sharded sums are reduced across devices in another order: relative to the largest
+    # entry, x agrees to eps cond k and the gradients to eps cond^2 (2k) (forward and
+    # adjoint steps), cond <= 50 (spd(16); the stencil's is ~13), k <= maxiter.
+    for adjoint, maxiter in (("implicit", 200), ("unrolled", 6)):
         report = out[adjoint]
-        assert report["x_error"] < 1e-10, report
-        assert report["grad_error"] < 1e-8, report
+        assert report["x_error"] <= agree_tol(np.float64, 50.0, maxiter), report
+        assert report["grad_error"] <= agree_tol(np.float64, 50.0, 2 * maxiter, power=2), report
         assert all(report["x_sharding_kept"]), report
         assert all(report["grad_sharding_kept"]), report
         assert report["devices"] == [4, 4], report
