@@ -14,10 +14,11 @@ The iteration counts and tolerances are ordinary (possibly traced) inputs of the
 every solve reports its own failures (and, for adjoint solves, hands its result to
 ``adjoint_callback``).
 
-``adjoint="unrolled"`` is a ``jax.custom_vjp``: the forward loop keeps a tape of the states
-``step`` reads and the reverse sweep pulls the cotangent back through ``jax.vjp`` of one
-step at a time (:func:`prdp_ops.backends._jax_driver.unrolled_pullback`). It is reverse mode
-only (see :func:`forward_mode_error`).
+``adjoint="unrolled"`` is a ``jax.custom_jvp`` too, whose tangent is the linear map of the
+iterations that ran: forward mode evaluates it (``jax.jvp`` of the loop), reverse mode
+transposes it with the tape sweep, which pulls the cotangent back through ``jax.vjp`` of one
+step at a time (:func:`prdp_ops.backends._jax_driver.unrolled_pullback`). First derivatives
+only.
 """
 
 from __future__ import annotations
@@ -263,32 +264,119 @@ def _scaled_solve(problem: Problem, params: dict[str, Any], m_params: dict[str, 
     return x
 
 
-# -- unrolled: a custom_vjp with a tape -------------------------------------------------------
+# -- unrolled: a custom_jvp whose tangent map is transposed by the tape sweep -----------------
 def _unrolled(problem: Problem) -> Callable:
-    """The solve as a ``jax.custom_vjp`` function of ``(params, m_params, b, x0, controls)``."""
+    """The solve as a ``jax.custom_jvp`` function of ``(params, m_params, b, x0, controls)``.
 
-    @jax.custom_vjp
+    Its tangent is the linear map ``L: (dA, db, dx0) -> dx_K`` of the ``K`` iterations that
+    ran, written as a ``lax.custom_linear_solve`` (see :func:`_unrolled_tangent`) so that
+    forward mode evaluates ``L`` (``jax.jvp`` of the loop) and reverse mode transposes it
+    with the tape sweep ``L^T`` (:func:`prdp_ops.backends._jax_driver.unrolled_pullback`)
+    without ever running the loop's jvp. The preconditioner and the controls get no
+    derivative, as before. First order only: see :func:`_first_order_only`.
+    """
+
+    @jax.custom_jvp
     def solve_fn(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
         x, info, _ = forward(problem, params, m_params, b, x0, controls)
         return x, info
 
-    def unrolled_fwd(params: dict, m_params: dict, b: Any, x0: Any, controls: tuple) -> tuple:
+    def solve_jvp(primals: tuple, tangents: tuple) -> tuple:
+        params, m_params, b, x0, controls = _first_order_only(primals)
+        params_dot, _, b_dot, x0_dot, _ = tangents
         A, M = problem.operators(params, m_params)
         tape = _tape_layout(problem, A, M, b, x0)
         x, info, loop = forward(problem, params, m_params, b, x0, controls, tape)
-        return (x, info), (params, m_params, b, x0, controls, loop)
+        live = {k: t for k, t in params_dot.items()
+                if not isinstance(t, SymbolicZero) and _is_inexact(params[k])}
+        b_dot = None if isinstance(b_dot, SymbolicZero) else b_dot
+        x0_dot = None if isinstance(x0_dot, SymbolicZero) else x0_dot
+        if not live and b_dot is None and x0_dot is None:
+            return (x, info), (jnp.zeros_like(x), _info_tangent(info))
+        x_dot = _unrolled_tangent(problem, (params, m_params, b, x0, M), loop, tape,
+                                  (live, b_dot, x0_dot))
+        return (x, info), (x_dot, _info_tangent(info))
 
-    def unrolled_bwd(residuals: tuple, cotangents: tuple) -> tuple:
-        params, m_params, b, x0, controls, loop = residuals
-        A, M = problem.operators(params, m_params)
-        tape = _tape_layout(problem, A, M, b, x0)
+    solve_fn.defjvp(solve_jvp, symbolic_zeros=True)
+    return solve_fn
+
+
+def _is_inexact(value: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(value), jnp.inexact)
+
+
+def _unrolled_tangent(problem: Problem, primal: tuple, loop: driver.LoopOutput,
+                      tape: driver.Tape, lin: tuple) -> Any:
+    """``dx_K = L(dA, db, dx0)`` as a ``lax.custom_linear_solve`` with ``matvec = I``.
+
+    ``custom_linear_solve(I, v, solve, transpose_solve)`` is a linear map of ``v`` that JAX
+    evaluates with ``solve`` and transposes with ``transpose_solve``, and batches under
+    ``vmap``. Its input and output share one structure, so ``v`` is the live tangents plus a
+    slot for ``dx_K``: ``solve`` maps ``v`` to ``(0, ..., 0, L(v))`` and ``transpose_solve``
+    maps a cotangent ``w`` to ``(L^T(w_slot), 0)``, which is its transpose. ``L`` reruns the
+    ``K = loop.accepted`` steps that ran with ``jax.jvp`` (a fixed count, so rounding cannot
+    move a stopping decision); ``L^T`` is the tape sweep. The slot must depend linearly on
+    the tangents (JAX transposes only functions of its linear inputs), hence ``0 * t``.
+    """
+    params, m_params, b, x0, M = primal
+    live, b_dot, x0_dot = lin
+    keys = tuple(live)
+    leaves = [*live.values(), b_dot, x0_dot]
+    seed = next(t for t in leaves if t is not None)
+    seed = jnp.sum(jnp.real(seed)) * 0
+    v = (live, b_dot, x0_dot, jnp.broadcast_to(seed.astype(b.dtype), b.shape))
+    # rtol = atol = 0: exactly the K accepted steps, no stopping decision left to rounding.
+    zero = jnp.zeros((), args.real_dtype(b.dtype))
+    fixed = (jnp.asarray(loop.accepted, jnp.int32), zero, zero)
+    steps = dataclasses.replace(problem, history_size=None)
+
+    def tangent_map(_: Callable, v: tuple) -> tuple:
+        p_dot, b_dot, x0_dot, _ = v
+
+        def run(p: dict[str, Any], b: Any, x0: Any) -> Any:
+            return forward(steps, {**params, **p}, m_params, b, x0, fixed)[0]
+
+        primals = ({k: params[k] for k in keys}, b, x0)
+        tangents = (p_dot, _or_zeros(b_dot, b), _or_zeros(x0_dot, x0))
+        _, x_dot = jax.jvp(run, primals, tangents)
+        return (_zeros(p_dot), _zeros(b_dot), _zeros(x0_dot), x_dot)
+
+    def pullback(_: Callable, w: tuple) -> tuple:
         params_bar, b_bar, x0_bar = driver.unrolled_pullback(
             problem.solver, OPS, structured_adjoint(problem.rebuild), M, params, b, x0, loop,
-            tape, cotangents[0])
-        return (params_bar, _zeros(m_params), b_bar, x0_bar, _nones(controls))
+            tape, w[3])
+        return ({k: params_bar[k] for k in keys}, None if b_dot is None else b_bar,
+                None if x0_dot is None else x0_bar, jnp.zeros_like(w[3]))
 
-    solve_fn.defvjp(unrolled_fwd, unrolled_bwd)
-    return solve_fn
+    return lax.custom_linear_solve(lambda v: v, v, tangent_map, pullback)[3]
+
+
+def _or_zeros(tangent: Any, like: Any) -> Any:
+    return jnp.zeros_like(like) if tangent is None else tangent
+
+
+def _first_order_only(primals: tuple) -> tuple:
+    """``primals`` unchanged; differentiating them again raises a clear error.
+
+    The unrolled tangent map treats the primal point (and the tape) as constants, so a
+    derivative of a derivative would silently miss their dependence on the inputs. This
+    identity's own derivative rule is what a second derivative reaches first.
+    """
+    return _guard(primals)
+
+
+@jax.custom_jvp
+def _guard(primals: tuple) -> tuple:
+    return primals
+
+
+@_guard.defjvp
+def _guard_jvp(primals: tuple, tangents: tuple) -> tuple:
+    raise NotImplementedError(
+        "adjoint='unrolled' gives first derivatives only (jax.grad, jax.vjp, jax.jvp, "
+        "jax.jacfwd, jax.jacrev); a second derivative (jax.hessian, a gradient of a "
+        "gradient) needs adjoint='implicit', which differentiates to any order"
+    )
 
 
 def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Tape:
@@ -325,6 +413,3 @@ def _nbytes(aval: Any) -> int:
 def _zeros(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.zeros_like, tree)
 
-
-def _nones(controls: tuple) -> tuple:
-    return tuple(None for _ in controls)

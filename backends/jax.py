@@ -10,7 +10,8 @@
   work (see :mod:`._jax_solve`).
 * ``adjoint="unrolled"`` -- the exact derivative of the iterations that ran, derived by JAX
   from the solver's ``step``: the forward loop keeps the state before each step and the
-  reverse loop applies ``jax.vjp`` of one step at a time. Reverse mode only.
+  reverse loop applies ``jax.vjp`` of one step at a time; forward mode is ``jax.jvp`` of the
+  loop. First derivatives only.
 * ``adjoint="none"`` -- the solve is a constant (``stop_gradient``).
 
 ``maxiter``, ``rtol`` and ``atol`` may be traced, so a jitted training step compiles once
@@ -122,12 +123,13 @@ def solve(
         derivatives of any order (``jax.hessian``).
         ``"unrolled"``: the exact derivative of the iterations that ran, derived by JAX from
         the solver's ``step`` (a ``jax.vjp`` of one step at a time, not autodiff of the
-        loop). Reverse mode only (first order): its reverse sweep is a ``jax.custom_vjp``,
-        which JAX does not let carry a forward-mode rule as well; use ``"implicit"`` for
-        ``jax.jvp``/``jax.jacfwd``/``jax.hessian``. Memory: one state per iteration, of the
-        entries ``step`` reads (CG: ``r, p, x`` and two scalars; XLA drops ``x``, which the
-        reverse sweep does not need, so ``2 n`` numbers per iteration), for a static
-        capacity of ``maxiter`` iterations (``max_steps`` when ``maxiter`` is traced),
+        loop); forward mode (``jax.jvp``, ``jax.jacfwd``) is ``jax.jvp`` of the same
+        iterations, and never runs in reverse mode. First derivatives only: a second
+        derivative raises ``NotImplementedError`` (use ``"implicit"`` for ``jax.hessian``).
+        Memory: one state per iteration, of the entries ``step`` reads (CG: ``r, p, x`` and
+        two scalars; XLA drops ``x``, which the reverse sweep does not need, so ``2 n``
+        numbers per iteration), for a static capacity of ``maxiter`` iterations (``max_steps``
+        when ``maxiter`` is traced),
         allocated whether or not the solve stops early; with ``checkpoint_every=c``,
         ``maxiter / c + c`` states and one more forward pass. A tape the device cannot hold
         raises a ``MemoryError`` (with its size) before anything is allocated. Each reverse
