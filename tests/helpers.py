@@ -267,3 +267,20 @@ def assert_agree(actual: Any, desired: Any, tol: float, err_msg: str = "") -> No
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
     np.testing.assert_allclose(np.asarray(actual), desired, rtol=0, atol=tol * scale,
                                err_msg=err_msg)
+
+
+
+def assert_product_agrees(actual: Any, desired: Any, D: Any, v: Any, dtype: Any = np.float64,
+                          err_msg: str = "") -> None:
+    """``actual`` and ``desired`` are both ``D @ v``, summed in different orders: entrywise
+    ``|actual - desired| <= agree_tol(dtype) (|D| |v|)``, the standard bound ``n eps |D| |v|``
+    of one product (the row length n <= 10 here is in ``AGREE_SAFETY``). An entry that is
+    small by cancellation still carries the rounding of its large terms, so an rtol on it
+    alone fails on another machine."""
+    magnitude = abs(D) if sp.issparse(D) else np.abs(np.asarray(D))
+    bound = agree_tol(dtype) * np.asarray(magnitude @ np.abs(np.asarray(v)))
+    error = np.abs(np.asarray(actual) - np.asarray(desired))
+    worst = np.unravel_index(np.argmax(error - bound), error.shape) if error.ndim else ()
+    assert np.all(error <= bound), (
+        f"{err_msg} |actual - desired| exceeds agree_tol * (|D| |v|) at {worst}: "
+        f"{error[worst]:.3e} > {bound[worst]:.3e}")
