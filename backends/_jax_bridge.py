@@ -49,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from prdp_ops.backends import _jax_args as jax_args
 from prdp_ops.backends import _jax_driver as driver
 
 import prdp_ops as po
@@ -367,9 +368,8 @@ def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: A
             "least-squares problem solve the normal equations (A^H A x = A^H b) instead"
         )
     n = host_A.shape[0]
-    dtype = jnp.result_type(host_A.dtype, b_in.dtype, jnp.float32)
-    if jnp.issubdtype(dtype, jnp.complexfloating) and not solver.supports_complex:
-        raise TypeError(f"solver {solver.name!r} does not support complex data (dtype {dtype})")
+    # Promoted as on the native path (jnp.linalg.solve's rules, strict promotion honoured).
+    dtype = jax_args.solve_dtype(host_A.dtype, b_in.dtype, solver)
     b = pj._vector(b_in, n, "b", dtype)
     x0 = jnp.zeros(n, dtype) if x0 is None else pj._vector(x0, n, "x0", dtype)
     host_M = None
