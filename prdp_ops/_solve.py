@@ -167,6 +167,8 @@ class _Problem:
                                       check_finite=check_finite, copy=True))
         # The default initial guess (zeros) gets a cotangent shaped like the solution.
         self.x0_shape = self.b_shape if x0 is None else tuple(x0.shape)
+        # Read once (a device-to-host sync on GPUs): the tolerance and the x = 0 rule use it.
+        self.bnorm = self.ops.to_float(self.ops.norm(self.b))
         self.maxiter = 10 * n if maxiter is None else _check_count(maxiter, "maxiter")
         self.rtol = _check_tolerance(rtol, "rtol")
         self.atol = _check_tolerance(atol, "atol")
@@ -191,17 +193,16 @@ class _Problem:
         so every cotangent is zero."""
         if self.A.shape[0] == 0:
             return True
-        bnorm = self.ops.to_float(self.ops.norm(self.b))
-        return bnorm == 0.0 and (self.rtol > 0 or self.atol > 0)
+        return self.bnorm == 0.0 and (self.rtol > 0 or self.atol > 0)
 
     def run(self, *, keep_tape: bool = False,
             callback: Callable | None = None) -> numpy_backend.Run:
         if self.solved_by_zero:
             return numpy_backend.zero_solution(self.solver, self.ops, self.b)
-        bnorm = self.ops.to_float(self.ops.norm(self.b))
         # A non-finite b (only with check_finite off) has no meaningful tolerance: none is
         # set, and the driver reports the non-finite residual (NONFINITE, x = x0).
-        tol = max(self.rtol * bnorm, self.atol) if math.isfinite(bnorm) else 0.0
+        tol = (max(self.rtol * self.bnorm, self.atol) if math.isfinite(self.bnorm)
+               else 0.0)
         return numpy_backend.run_solver(
             self.solver, self.ops, self.A, self.b, self.x0, self.M,
             maxiter=self.maxiter, tol=tol, stop_on_convergence=tol > 0,
@@ -209,11 +210,13 @@ class _Problem:
             check_every=self.check_every, on_failure=self.on_failure,
         )
 
-    def user_result(self, result: SolveResult) -> SolveResult:
-        """``result`` with ``x`` in ``b``'s shape and owned by the caller: a copy, so that
-        nothing the caller holds aliases the solver's state, its tape or the vjp's
-        residuals (writing to ``result.x`` must not change a gradient)."""
-        return dataclasses.replace(result, x=result.x.reshape(self.b_shape).copy())
+    def user_result(self, result: SolveResult, *, copy: bool) -> SolveResult:
+        """``result`` with ``x`` in ``b``'s shape. ``copy=True`` (solve_vjp) makes ``x`` the
+        caller's own array: the solver's state, its tape and the vjp's residuals may hold
+        the original, and writing to ``result.x`` must not change a gradient. Without a
+        vjp nothing else holds it (``x0`` is the problem's own copy too)."""
+        x = result.x.reshape(self.b_shape)
+        return dataclasses.replace(result, x=x.copy() if copy else x)
 
 
 # -- public functions -------------------------------------------------------------------------
@@ -290,7 +293,7 @@ def solve(
     callback = _check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
-    return problem.user_result(problem.run(callback=callback).result)
+    return problem.user_result(problem.run(callback=callback).result, copy=False)
 
 
 def solve_vjp(
@@ -359,7 +362,7 @@ def solve_vjp(
         adjoint_problem = _adjoint_problem(problem, adjoint_solver, adjoint_maxiter,
                                            adjoint_rtol, adjoint_atol)
     run = problem.run(keep_tape=adjoint == "unrolled", callback=callback)
-    result = problem.user_result(run.result)  # a copy: run.result.x stays the solve's own
+    result = problem.user_result(run.result, copy=True)  # run.result.x stays the solve's
     if adjoint == "none":
         return result, _zero_vjp(problem)
     if adjoint == "unrolled":
