@@ -284,3 +284,12 @@ def assert_product_agrees(actual: Any, desired: Any, D: Any, v: Any, dtype: Any 
     assert np.all(error <= bound), (
         f"{err_msg} |actual - desired| exceeds agree_tol * (|D| |v|) at {worst}: "
         f"{error[worst]:.3e} > {bound[worst]:.3e}")
+
+
+def fd_noise(value: float, cond: float, step: float, dtype: Any = np.float64) -> float:
+    """The rounding noise of a central difference ``(L(c + h) - L(c - h)) / 2h`` of a loss
+    ``L`` computed through a solve: each evaluation carries a relative error ~ ``eps cond``,
+    so the difference quotient carries ``eps cond |L| / h`` in every entry, whatever the
+    entry's size (``AGREE_SAFETY`` times that). Use it as the ``atol`` of a gradient check;
+    the truncation error ``h^2 L''' / 6`` is far below it at ``h = 1e-6``."""
+    return AGREE_SAFETY * eps(dtype) * float(cond) * abs(float(value)) / float(step)
