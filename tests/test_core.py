@@ -33,6 +33,9 @@ def test_cg_iterates_equal_scipy_iterate_for_iterate():
     po.solve(A, b, "cg", rtol=0, atol=0, maxiter=25, callback=lambda x: ours.append(x.copy()))
     spl.cg(A, b, rtol=0, atol=0, maxiter=25, callback=lambda x: theirs.append(x.copy()))
     assert len(ours) == len(theirs) == 25
+    # Tight on purpose: SciPy's cg makes the very same BLAS calls in the same order (np.dot,
+    # the CSR product, the same updates), so the iterates are bit-identical on any CPU. A
+    # SciPy that sums differently would need agree_tol (eps cond k).
     for k, (x_ours, x_theirs) in enumerate(zip(ours, theirs, strict=True)):
         np.testing.assert_allclose(x_ours, x_theirs, rtol=1e-12, atol=1e-14, err_msg=f"iter {k}")
 
@@ -43,6 +46,7 @@ def test_preconditioned_cg_equals_scipy():
     M = sp.diags(1.0 / A.diagonal() * np.linspace(0.5, 1.5, A.shape[0]))
     ours = po.solve(A, b, "cg", M=M, rtol=0, atol=0, maxiter=15).x
     theirs, _ = spl.cg(A, b, M=M, rtol=0, atol=0, maxiter=15)
+    # the same operations in the same order (as above): bit-identical, so tight
     np.testing.assert_allclose(ours, theirs, rtol=1e-11, atol=1e-13)
 
 
