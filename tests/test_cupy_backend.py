@@ -32,6 +32,8 @@ from helpers import (
     ADJOINT_MODES,
     HAS_CUPY,
     SOLVER_CASES,
+    agree_tol,
+    assert_agree,
     poisson_2d,
     random_vector,
     to_backend,
@@ -405,9 +407,12 @@ def test_cg_on_cupy_equals_cg_on_numpy_iterate_for_iterate(dtype, backend):
     opts = {"rtol": 0.0, "atol": 0.0, "maxiter": 25}
     ours = po.solve(to_backend(A_host, backend), to_backend(b_host, backend), **opts)
     ref = po.solve(A_host, b_host, **opts)
-    tol = 2e-4 if dtype == np.float32 else 1e-9
-    np.testing.assert_allclose(ours.residual_norms, ref.residual_norms, rtol=tol)
-    np.testing.assert_allclose(to_numpy(ours.x), ref.x, rtol=tol, atol=tol)
+    # The GPU's reductions sum in other orders. 25 steps on 144 unknowns is before CG loses
+    # orthogonality, so x and the recurrence's residual norms (relative to ||b||) agree to
+    # eps cond k, normwise; an entrywise rtol is not what rounding bounds.
+    tol = agree_tol(dtype, np.linalg.cond(A_host.toarray()), opts["maxiter"])
+    assert_agree(to_numpy(ours.residual_norms), ref.residual_norms, tol)
+    assert_agree(to_numpy(ours.x), ref.x, tol)
 
 
 @pytest.mark.parametrize("grid", [(64, 48), (16, 12, 10)], ids=["2d", "3d"])
