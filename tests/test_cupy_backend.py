@@ -234,7 +234,11 @@ def _run_compiled(compiled, faces, u, boundary, wide_index):
 @pytest.mark.parametrize("grid", [(9,), (5, 7), (4, 3, 5)], ids=lambda g: f"{len(g)}d")
 @pytest.mark.parametrize("boundary", ["dirichlet", "periodic"])
 @pytest.mark.parametrize("kind", ["laplacian", "diffusion"])
-@pytest.mark.parametrize("values", ["real", "complex", "batched", "real, 64-bit index"])
+# Each complex or 64-bit-index variant is one more g++ compile (~1 s each, 24 in all): those
+# run in the slow step, real and batched values (12 compiles) by default.
+@pytest.mark.parametrize("values", ["real", pytest.param("complex", marks=pytest.mark.slow),
+                                    "batched",
+                                    pytest.param("real, 64-bit index", marks=pytest.mark.slow)])
 def test_fused_kernel_source_equals_array_stencil(compiled_kernels, grid, boundary, kind,
                                                   values):
     """The generated CUDA body, run on the CPU, equals ``apply_stencil`` (which the stencil

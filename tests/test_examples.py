@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -24,9 +23,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RESULT_KEYS = {"example", "baseline", "prdp", "iterations_saved_pct", "time_saved_pct",
                "val_error_ratio"}
 RUN_KEYS = {"val_error", "solver_iterations", "wall_s"}
-#: Longer runs (tens of seconds each) only with PRDP_RUN_SLOW=1.
-slow = pytest.mark.skipif(os.environ.get("PRDP_RUN_SLOW") != "1",
-                          reason="slow example run; set PRDP_RUN_SLOW=1")
+#: Training runs of tens of seconds each on 2 cores: deselected by default (pyproject's
+#: addopts), run by `pytest -m slow` (CI's second step). The default run keeps one smoke run
+#: per example that solves (poisson_inverse, heat_emulator --dim 3, custom_solver).
+slow = pytest.mark.slow
 
 
 def load(name: str) -> ModuleType:
@@ -118,6 +118,7 @@ def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
     assert math.isfinite(result["prdp"]["val_error"])
 
 
+@slow
 def test_heat_emulator_1d_learns_and_saves_iterations(tmp_path, capsys):
     result = run("heat_emulator", ["--dim", "1"], tmp_path, capsys)
     # Validation metric: two-step nMSE of the network alone; predicting zero scores 1, the
@@ -128,6 +129,7 @@ def test_heat_emulator_1d_learns_and_saves_iterations(tmp_path, capsys):
     assert result["prdp"]["k_final"] <= 29
 
 
+@slow
 def test_heat_emulator_linear_network_reaches_the_step(tmp_path, capsys):
     # A linear network can represent the BTCS step exactly: with converged physics it must
     # get close (a two-step nMSE far below the ReLU network's).
@@ -190,6 +192,7 @@ def test_custom_solver_is_registered_and_exact(tmp_path, capsys):
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
 
 
+@slow
 def test_navier_stokes_corrector_improves_on_the_solver(tmp_path, capsys):
     ns = load("navier_stokes_correction")
     result = run("navier_stokes_correction", ["--epochs", "12"], tmp_path, capsys)
@@ -216,6 +219,7 @@ def test_navier_stokes_corrector_improves_on_the_solver(tmp_path, capsys):
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
 
 
+@slow
 @pytest.mark.parametrize(("modality", "setup"), [("one-step", "correction"),
                                                  ("unrolled-no-grad", "correction"),
                                                  ("unrolled", "prediction")])
@@ -228,7 +232,6 @@ def test_navier_stokes_modalities_run(modality, setup, tmp_path, capsys):
         assert result["prdp"]["solver_iterations"] == 0  # the network alone: no solves
 
 
-@pytest.mark.slow
 @slow
 def test_heat_emulator_2d(tmp_path, capsys):
     result = run("heat_emulator", ["--dim", "2"], tmp_path, capsys)
