@@ -16,6 +16,20 @@ the transposed solve; unrolled adjoint: a reverse sweep over the same ``K`` iter
 ``adjoint="none"``: nothing). Each example states what one epoch costs in
 ``Trainer.iterations_per_epoch``.
 
+The controller's default rule (``rule="fidelity"``) also reads the *gradient fidelity*: when
+the Trainer offers ``gradient`` (the loss gradient on a validation batch at given counts),
+:func:`train` compares it at ``k`` with the one at ``k' = min(2k, k_max)`` after an epoch and
+passes :func:`prdp_ops.gradient_fidelity` of the two to ``update``. The two extra gradients are
+solver work, counted in PRDP's iterations. They are measured at the first check at new counts
+(one measurement per refinement, so a few per run), and again at the same counts only while
+the signal's cumulative cost stays within :data:`SIGNAL_BUDGET` (20%) of the training's.
+``--rule plateau`` runs the paper's rule instead (loss only, no extra gradients).
+
+``--sweep`` trains fixed-``K`` runs over a grid of counts and PRDP in one process (the paper's
+accuracy-versus-cost figure, :func:`sweep`), and reports ``k_sufficient``: the smallest fixed
+``K`` whose final metric is within 5% of the converged run's -- the best fixed count chosen in
+hindsight, the oracle PRDP is measured against.
+
 Wall time is measured around the training loop (training plus the per-epoch validation both
 runs do) after one warm-up call has compiled everything: the iteration count reaches the
 jitted code as a traced integer, so neither run recompiles when ``K`` changes.
@@ -33,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "SIGNAL_BUDGET",
     "EpochRecord",
     "FixedSchedule",
     "RunResult",
@@ -47,9 +62,18 @@ __all__ = [
     "plot_runs",
     "positive_int",
     "print_result_line",
+    "rule_options",
+    "signal_function",
     "summary",
+    "sweep",
+    "sweep_grid",
     "train",
 ]
+
+#: Largest fraction of training's solver iterations that the fidelity signal may spend.
+SIGNAL_BUDGET = 0.2
+#: A fixed K is "sufficient" when its final metric is within this factor of the converged one.
+SUFFICIENT_RATIO = 1.05
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -90,10 +114,68 @@ def add_common_arguments(parser: argparse.ArgumentParser, example: str, *,
                             help="override the number of epochs (the controller checks after "
                                  "each)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and initial weights")
+    parser.add_argument("--rule", choices=("fidelity", "plateau"), default="fidelity",
+                        help="PRDP's refinement rule: fidelity (default: refine while the "
+                             "gradient at K differs from the one at 2K by more than 10%%) or "
+                             "plateau (the paper's rule, on the validation metric alone)")
+    parser.add_argument("--fidelity-tol", type=float, default=0.1,
+                        help="the fidelity rule's tolerance (default 0.1, the library's; "
+                             "other values only for the ablation in examples/RESULTS.md)")
+    parser.add_argument("--fidelity-power", type=float, default=None,
+                        help="the fidelity rule's tolerance shrinks as (metric / first "
+                             "metric) ** power (default: the library's)")
+    parser.add_argument("--growth", type=float, default=2.0,
+                        help="the fidelity rule's growth factor of K per refinement "
+                             "(default 2, the library's)")
+    parser.add_argument("--signal", choices=("update", "gradient"), default="update",
+                        help="what the fidelity compares at K and 2K: the optimiser's update "
+                             "(default; for Adam, the per-coordinate normalised step) or the "
+                             "raw gradient")
+    parser.add_argument("--sweep", action="store_true",
+                        help="train fixed-K runs over a grid of K and PRDP, plot the final "
+                             "metric against solver iterations, and report k_sufficient "
+                             "(the smallest fixed K within 5%% of the converged metric)")
+    parser.add_argument("--sweep-ks", type=lambda text: [int(v) for v in text.split(",")],
+                        default=None, metavar="K1,K2,...",
+                        help="the fixed counts of --sweep (default: about 8 counts, "
+                             "geometrically spaced up to the converged one)")
     parser.add_argument("--out", type=Path, default=None if plots else default_out(example),
                         help=f"where to write the PNG plot (default: {plots or '%(default)s'})")
     parser.add_argument("--quiet", action="store_true",
                         help=f"no per-{unit} progress lines on stderr")
+
+
+def signal_function(args: argparse.Namespace, optimizer: Any,
+                    loss_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``(params, opt_state, *loss_args) -> pytree``: what the fidelity signal compares.
+
+    ``--signal update`` (default): the update the optimiser would make from the gradient of
+    ``loss_fn`` at its current state (``optimizer.update(g, opt_state, params)``; the optimiser
+    state itself is not changed). For plain gradient descent this is ``-lr g``, the gradient
+    up to a constant; for Adam it is the per-coordinate normalised step, in which a
+    coordinate with a small gradient counts as much as one with a large gradient -- as it
+    does in the step taken. ``--signal gradient``: the raw gradient.
+    """
+    import jax
+
+    grad_fn = jax.grad(loss_fn)
+    if args.signal == "gradient":
+        return jax.jit(lambda params, opt_state, *rest: grad_fn(params, *rest))
+
+    @jax.jit
+    def update(params: Any, opt_state: Any, *rest: Any) -> Any:
+        updates, _ = optimizer.update(grad_fn(params, *rest), opt_state, params)
+        return updates
+
+    return update
+
+
+def rule_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The controller's rule settings from ``--rule``, ``--fidelity-tol`` and ``--growth``."""
+    options = {"rule": args.rule, "fidelity_tol": args.fidelity_tol, "growth": args.growth}
+    if args.fidelity_power is not None:
+        options["fidelity_power"] = args.fidelity_power
+    return options
 
 
 def default_out(name: str) -> Path:
@@ -177,6 +259,12 @@ class Trainer:
     unit
         What one "epoch" of ``run_epoch`` is, for progress lines and plots: ``"epoch"``, or
         ``"step"`` where it is a single gradient step.
+    gradient
+        ``(state, k, k_adjoint) -> pytree`` or ``None``: the gradient of the training loss
+        with respect to the parameters on a validation batch, through ``k`` forward and
+        ``k_adjoint`` adjoint iterations (the fidelity signal's input).
+    gradient_iterations
+        ``(k, k_adjoint) -> int``: solver iterations one ``gradient`` call spends.
     """
 
     init_state: Callable[[], Any]
@@ -185,11 +273,16 @@ class Trainer:
     iterations_per_epoch: Callable[[int, int], int]
     epochs: int
     unit: str = "epoch"
+    gradient: Callable[[Any, int, int], Any] | None = None
+    gradient_iterations: Callable[[int, int], int] | None = None
 
     def warmup(self) -> None:
         """Compile everything once before the timed runs: one epoch at ``k = 1`` and a
         validation (``k`` is a traced value, so other counts reuse the compiled code)."""
-        self.validate(self.run_epoch(self.init_state(), 0, 1, 1))
+        state = self.run_epoch(self.init_state(), 0, 1, 1)
+        self.validate(state)
+        if self.gradient is not None:
+            self.gradient(state, 1, 1)
 
 
 @dataclasses.dataclass
@@ -204,6 +297,7 @@ class EpochRecord:
     iterations: int
     decision: str | None
     elapsed_s: float
+    fidelity: float | None = None
 
 
 @dataclasses.dataclass
@@ -218,38 +312,86 @@ class RunResult:
     records: list[EpochRecord]
     final_state: Any = dataclasses.field(repr=False, default=None)
     unit: str = "epoch"
+    signal_iterations: int = 0
+
+
+def _reference_count(count: int, cap: int | None) -> int:
+    """The fidelity signal's refined count: ``2 * count``, capped."""
+    return 2 * count if cap is None else min(2 * count, cap)
+
+
+def measure_fidelity(trainer: Trainer, state: Any, k: int, k_adjoint: int,
+                     k_max: int | None, k_adjoint_max: int | None) -> tuple[float | None, int]:
+    """The gradient fidelity at ``(k, k_adjoint)`` against ``(min(2k, k_max), ...)`` and the
+    solver iterations it cost; ``(None, 0)`` when both counts are at their caps."""
+    import prdp_ops as po
+
+    k_ref = _reference_count(k, k_max)
+    k_adjoint_ref = _reference_count(k_adjoint, k_adjoint_max)
+    if (k_ref, k_adjoint_ref) == (k, k_adjoint) or trainer.gradient is None:
+        return None, 0
+    fidelity = po.gradient_fidelity(trainer.gradient(state, k, k_adjoint),
+                                    trainer.gradient(state, k_ref, k_adjoint_ref))
+    cost = trainer.gradient_iterations(k, k_adjoint) + trainer.gradient_iterations(
+        k_ref, k_adjoint_ref)
+    return fidelity, cost
 
 
 def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True) -> RunResult:
     """Train for ``trainer.epochs`` epochs, asking ``schedule`` for the counts each epoch.
 
     The progress lines (stderr) show the controller's decision; a schedule with ``decides =
-    False`` (the baseline) makes none, and its lines show none.
+    False`` (the baseline) makes none, and its lines show none. A controller with
+    ``rule="fidelity"`` gets the gradient fidelity (when the trainer offers ``gradient``),
+    measured after the first epoch at new counts, and after later epochs at the same counts
+    whenever the signal's cumulative cost, counted in the run's iterations, stays within
+    :data:`SIGNAL_BUDGET` of the training's.
     """
     decides = getattr(schedule, "decides", True)
+    wants_signal = (getattr(schedule, "rule", None) == "fidelity"
+                    and trainer.gradient is not None)
+    caps = (schedule.hyperparameters()["k_max"], schedule.hyperparameters()["k_adjoint_max"]
+            ) if wants_signal else (None, None)
     state = trainer.init_state()
     records: list[EpochRecord] = []
-    iterations = 0
+    iterations = training = signal = 0
+    measured_at: tuple[int, int] | None = None
     start = time.perf_counter()
     for epoch in range(trainer.epochs):
         k, k_adjoint = schedule.k, schedule.k_adjoint
         state = trainer.run_epoch(state, epoch, k, k_adjoint)
-        iterations += trainer.iterations_per_epoch(k, k_adjoint)
+        training += trainer.iterations_per_epoch(k, k_adjoint)
         val_error = float(trainer.validate(state))  # a host float: waits for the epoch
-        decision = schedule.update(val_error)
+        fidelity = None
+        if wants_signal:
+            k_ref = _reference_count(k, caps[0])
+            ka_ref = _reference_count(k_adjoint, caps[1])
+            cost = trainer.gradient_iterations(k, k_adjoint) + trainer.gradient_iterations(
+                k_ref, ka_ref)
+            # First check at new counts: always measure (one measurement per refinement, a
+            # few per run); again at the same counts while the budget allows.
+            if (k_ref, ka_ref) != (k, k_adjoint) and (
+                    measured_at != (k, k_adjoint) or signal + cost <= SIGNAL_BUDGET * training):
+                fidelity, cost = measure_fidelity(trainer, state, k, k_adjoint, *caps)
+                signal += cost
+                measured_at = (k, k_adjoint)
+        decision = (schedule.update(val_error, fidelity=fidelity) if fidelity is not None
+                    else schedule.update(val_error))
         if not decides:
             decision = None
+        iterations = training + signal
         elapsed = time.perf_counter() - start
         records.append(EpochRecord(epoch, k, k_adjoint, val_error, iterations, decision,
-                                   elapsed))
+                                   elapsed, fidelity))
         if progress:
             shown = f"{decision:6s} " if decision is not None else ""
+            delta = f"fid={fidelity:.3f} " if fidelity is not None else ""
             print(f"[{label:8s}] {trainer.unit:5s} {epoch + 1:4d}/{trainer.epochs}  K={k:<4d} "
                   f"K_adj={k_adjoint:<4d} val={val_error:.4e}  iters={iterations:<9d} "
-                  f"{shown}{elapsed:7.2f}s", file=sys.stderr, flush=True)
+                  f"{delta}{shown}{elapsed:7.2f}s", file=sys.stderr, flush=True)
     wall = time.perf_counter() - start
     return RunResult(label, records[-1].val_error, iterations, wall, schedule.k, records,
-                     state, trainer.unit)
+                     state, trainer.unit, signal)
 
 
 def compare(trainer: Trainer, controller: Any, baseline_k: int,
@@ -389,3 +531,111 @@ def finish(example: str, baseline: RunResult | None, prdp: RunResult, out: Path,
     result = summary(example, baseline, prdp)
     print_result_line(result)
     return result
+
+
+# ---------------------------------------------------------------------------- the sweep
+
+
+def sweep_grid(k_converged: int, k_min: int = 1, k_step: int = 1, count: int = 8) -> list[int]:
+    """About ``count`` fixed counts from ``k_min`` to ``k_converged``, geometrically spaced
+    on the ``k_min + j * k_step`` grid (the PRDP schedule's grid), ``k_converged`` included."""
+    if k_converged <= k_min:
+        return [k_converged]
+    ratio = (k_converged / k_min) ** (1.0 / max(1, count - 1))
+    ks = {k_converged}
+    for index in range(count - 1):
+        k = k_min * ratio**index
+        ks.add(min(k_converged, k_min + k_step * round((k - k_min) / k_step)))
+    return sorted(ks)
+
+
+def sweep(example: str, trainer: Trainer, make_controller: Callable[[], Any],
+          k_converged: int, ks: Sequence[int], out: Path, title: str, *,
+          k_adjoint_of: Callable[[int], int] | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """The paper's accuracy-versus-cost sweep: fixed-``K`` runs and PRDP, same seeds and epochs.
+
+    Trains one run per count in ``ks`` (``k_converged`` is added: the converged reference)
+    and one PRDP run from ``make_controller()``; ``k_sufficient`` is the smallest fixed ``K``
+    whose final metric is at most :data:`SUFFICIENT_RATIO` times the converged run's (the
+    oracle: the best fixed count chosen in hindsight), and PRDP's iterations and wall time are
+    reported against that run's. Writes the figure to ``out`` (final metric against
+    cumulative solver iterations and against wall time, PRDP marked), prints one JSON line
+    and returns it as a dict.
+    """
+    trainer.warmup()
+    ks = sorted(set(ks) | {k_converged})
+    fixed = {}
+    for k in ks:
+        k_adjoint = k if k_adjoint_of is None else k_adjoint_of(k)
+        fixed[k] = train(trainer, FixedSchedule(k, k_adjoint), f"K={k}", progress=progress)
+    controller = make_controller()
+    prdp = train(trainer, controller, "prdp", progress=progress)
+    converged = fixed[k_converged].val_error
+    k_sufficient = min(k for k in ks if fixed[k].val_error <= SUFFICIENT_RATIO * converged)
+    oracle = fixed[k_sufficient]
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b > 0 else None
+
+    result = {
+        "example": example,
+        "sweep": [{"k": k, "val_error": run.val_error, "solver_iterations": run.solver_iterations,
+                   "wall_s": round(run.wall_s, 3)} for k, run in fixed.items()],
+        "k_converged": k_converged,
+        "k_sufficient": k_sufficient,
+        "oracle": {"val_error": oracle.val_error, "solver_iterations": oracle.solver_iterations,
+                   "wall_s": round(oracle.wall_s, 3)},
+        "prdp": {"val_error": prdp.val_error, "solver_iterations": prdp.solver_iterations,
+                 "signal_iterations": prdp.signal_iterations, "wall_s": round(prdp.wall_s, 3),
+                 "k_final": prdp.k_final, "rule": getattr(controller, "rule", None)},
+        "prdp_vs_oracle_iterations": ratio(prdp.solver_iterations, oracle.solver_iterations),
+        "prdp_vs_oracle_wall": ratio(prdp.wall_s, oracle.wall_s),
+        "prdp_vs_converged_iterations": ratio(prdp.solver_iterations,
+                                              fixed[k_converged].solver_iterations),
+        "val_error_ratio": ratio(prdp.val_error, converged),
+    }
+    written = plot_sweep(out, fixed, prdp, k_sufficient, k_converged, title)
+    if written is not None:
+        print(f"sweep plot written to {written}", file=sys.stderr)
+    print_result_line(result)
+    return result
+
+
+def plot_sweep(path: Path, fixed: dict[int, RunResult], prdp: RunResult, k_sufficient: int,
+               k_converged: int, title: str) -> Path | None:
+    """Final metric against cumulative solver iterations and against wall time: the fixed-K
+    runs as a labelled curve, PRDP as a star, the oracle ``k_sufficient`` circled and the
+    5% band above the converged metric shaded. ``None`` when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0), constrained_layout=True)
+    converged = fixed[k_converged].val_error
+    for ax, cost, label in ((axes[0], "solver_iterations", "cumulative solver iterations"),
+                            (axes[1], "wall_s", "wall time [s]")):
+        xs = [getattr(run, cost) for run in fixed.values()]
+        ys = [run.val_error for run in fixed.values()]
+        ax.loglog(xs, ys, "o-", color="tab:blue", label="fixed K")
+        for k, x, y in zip(fixed, xs, ys, strict=True):
+            ax.annotate(f"{k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        oracle = fixed[k_sufficient]
+        ax.plot(getattr(oracle, cost), oracle.val_error, "o", markersize=13,
+                markerfacecolor="none", color="tab:green", label=f"k_sufficient = {k_sufficient}")
+        ax.axhspan(converged, converged * SUFFICIENT_RATIO, color="tab:green", alpha=0.15,
+                   label="within 5% of converged")
+        ax.plot(getattr(prdp, cost), prdp.val_error, "*", markersize=15, color="tab:red",
+                label=f"PRDP (final K = {prdp.k_final})")
+        ax.set(xlabel=label, ylabel="final validation metric")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

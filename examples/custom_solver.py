@@ -131,9 +131,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = poisson_inverse.make_trainer(problem, args)
     print(f"Poisson inverse through the registered red-black Gauss-Seidel solver; converged "
           f"baseline K = {k_converged} (relative residual 1e-8)", file=sys.stderr)
-    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
-    # library's default, latch=True, keeps K from the first "stop" on).
-    controller = po.PRDPController(latch=False, **problem["controller"])
+    if args.sweep:
+        settings = problem["controller"]
+        ks = args.sweep_ks or _common.sweep_grid(k_converged, settings["k_min"],
+                                                 settings["k_step"])
+        return _common.sweep(EXAMPLE, trainer,
+                             lambda: poisson_inverse.make_controller(problem, args),
+                             k_converged, ks, args.out.with_name(args.out.stem + "_sweep.png"),
+                             "red-black Gauss-Seidel (registered solver): final error vs cost",
+                             progress=not args.quiet)
+    controller = poisson_inverse.make_controller(problem, args)
     baseline, prdp = _common.compare(trainer, controller, k_converged,
                                      with_baseline=args.compare, progress=not args.quiet)
     for run in (baseline, prdp):

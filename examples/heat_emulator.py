@@ -356,6 +356,16 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         return run_epoch_jit(state, *batches(epoch), jnp.asarray(k), jnp.asarray(k_adjoint))
 
     val_u0, val_u2 = jnp.asarray(data["val_u0"]), jnp.asarray(data["val_u2"])
+    signal = _common.signal_function(args, optimizer, loss_fn)
+
+    def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
+        # The fidelity signal: the training loss's update (or gradient) on the validation states.
+        return signal(*state, val_u0, val_u2, jnp.asarray(k), jnp.asarray(k_adjoint))
+
+    def gradient_iterations(k: int, k_adjoint: int) -> int:
+        # One batched solve of the validation states and its reverse, counted like a training
+        # step's batched solve (iterations_per_epoch).
+        return k + backward_iterations(k, k_adjoint)
 
     @jax.jit
     def validate_jit(params: Any) -> jax.Array:
@@ -366,15 +376,19 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         params = init_params()
         return params, optimizer.init(params)
 
+    def backward_iterations(k: int, k_adjoint: int) -> int:
+        # The reverse of a solve: k_adjoint iterations of the transposed solve (implicit) or a
+        # sweep back over the same k iterations (unrolled).
+        return k_adjoint if adjoint == "implicit" else (k if adjoint == "unrolled" else 0)
+
     def iterations_per_epoch(k: int, k_adjoint: int) -> int:
-        # One batched solve per step; its reverse costs k_adjoint iterations of the transposed
-        # solve (implicit) or a sweep back over the same k iterations (unrolled).
-        backward = k_adjoint if adjoint == "implicit" else (k if adjoint == "unrolled" else 0)
-        return steps_per_epoch * (k + backward)
+        # One batched solve per step.
+        return steps_per_epoch * (k + backward_iterations(k, k_adjoint))
 
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
-                              iterations_per_epoch=iterations_per_epoch, epochs=epochs)
+                              iterations_per_epoch=iterations_per_epoch, epochs=epochs,
+                              gradient=gradient, gradient_iterations=gradient_iterations)
 
     info = {"grid": grid, "r": r, "adjoint": adjoint, "epochs": epochs,
             "k_converged": k_converged, "size": size_key, "apply_net": apply_net,
@@ -383,7 +397,7 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
     return trainer, info
 
 
-def make_controller(setting: dict[str, Any], k_max: int) -> po.PRDPController:
+def make_controller(setting: dict[str, Any], k_max: int, **rule: Any) -> po.PRDPController:
     """PRDP capped at the converged count, without the latch (as the paper's code).
 
     ``latch=False``: after a "stop" a later plateau may still refine (the library's default,
@@ -394,7 +408,7 @@ def make_controller(setting: dict[str, Any], k_max: int) -> po.PRDPController:
     one twentieth of the converged count (at least 1).
     """
     step = max(1, k_max // 20) if setting.get("relative_step") else 1
-    return po.PRDPController(k_min=step, k_step=step, k_max=k_max, latch=False,
+    return po.PRDPController(k_min=step, k_step=step, k_max=k_max, latch=False, **rule,
                              **setting["controller"])
 
 
@@ -440,7 +454,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"adjoint {info['adjoint']}, {info['epochs']} epochs ({info['size']}); converged "
           f"baseline K = {info['k_converged']} (rtol {args.converged_rtol:g})",
           file=sys.stderr)
-    controller = make_controller(info["setting"], info["k_converged"])
+    if args.sweep:
+        step = max(1, info["k_converged"] // 20) if info["setting"].get("relative_step") else 1
+        ks = args.sweep_ks or _common.sweep_grid(info["k_converged"], step, step)
+        return _common.sweep(f"{EXAMPLE}_{args.dim}d", trainer,
+                             lambda: make_controller(info["setting"], info["k_converged"],
+                                                     **_common.rule_options(args)),
+                             info["k_converged"], ks,
+                             args.out.with_name(args.out.stem + "_sweep.png"),
+                             f"BTCS heat {args.dim}D emulator: final error vs cost",
+                             progress=not args.quiet)
+    controller = make_controller(info["setting"], info["k_converged"],
+                                 **_common.rule_options(args))
     baseline, prdp = _common.compare(trainer, controller, info["k_converged"],
                                      with_baseline=args.compare, progress=not args.quiet)
     curves = {}

@@ -346,7 +346,8 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         params = init_cnn(jax.random.PRNGKey(args.seed), sizes["width"], sizes["blocks"])
         return params, optimizer.init(params)
 
-    def iterations_per_epoch(k: int, k_adjoint: int) -> int:
+    def iterations_per_step(k: int, k_adjoint: int) -> int:
+        # One batched step of the model: unroll steps of two GMRES and one CG solve each.
         if args.setup == "prediction":
             return 0
         forward = 2 * min(k, k_advection) + min(k, k_pressure)
@@ -354,11 +355,24 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
             backward = 2 * min(k_adjoint, k_advection) + min(k_adjoint, k_pressure)
         else:
             backward = forward if adjoint == "unrolled" else 0
-        return steps_per_epoch * unroll * (forward + backward)
+        return unroll * (forward + backward)
+
+    def iterations_per_epoch(k: int, k_adjoint: int) -> int:
+        return steps_per_epoch * iterations_per_step(k, k_adjoint)
+
+    # The fidelity signal: the training loss's gradient on the validation trajectories' first
+    # windows, one batched step's solves (counted like a training step's).
+    val_windows = val[:, : unroll + 1]
+    signal = _common.signal_function(args, optimizer, loss_fn)
+
+    def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
+        return signal(*state, val_windows, jnp.asarray(k), jnp.asarray(k_adjoint))
 
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
-                              iterations_per_epoch=iterations_per_epoch, epochs=epochs)
+                              iterations_per_epoch=iterations_per_epoch, epochs=epochs,
+                              gradient=gradient if args.setup != "prediction" else None,
+                              gradient_iterations=iterations_per_step)
     info = {"n": n, "size": size_key, "k_advection": k_advection, "k_pressure": k_pressure,
             "k_max": k_max, "epochs": epochs, "adjoint": adjoint, "windows": windows.shape[0]}
     return trainer, info
@@ -393,14 +407,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{args.modality} training (solver adjoint {info['adjoint']}), {info['windows']} "
           f"windows, {info['epochs']} epochs; converged counts: GMRES {info['k_advection']}, "
           f"CG {info['k_pressure']}", file=sys.stderr)
-    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
-    # library's default, latch=True, keeps K from the first "stop" on).
-    controller = po.PRDPController(k_max=info["k_max"], latch=False, **CONTROLLER)
+    title = f"Navier-Stokes corrector ({args.setup}, {args.modality})"
+
+    def make_controller() -> po.PRDPController:
+        # latch=False as the paper's code: under the plateau rule a later plateau may still
+        # refine after a "stop" (the fidelity rule never stops).
+        return po.PRDPController(k_max=info["k_max"], latch=False,
+                                 **_common.rule_options(args), **CONTROLLER)
+
+    if args.sweep:
+        step = CONTROLLER["k_step"]
+        ks = args.sweep_ks or _common.sweep_grid(info["k_max"], step, step)
+        return _common.sweep(EXAMPLE, trainer, make_controller, info["k_max"], ks,
+                             args.out.with_name(args.out.stem + "_sweep.png"),
+                             f"{title}: final error vs cost", progress=not args.quiet)
+    controller = make_controller()
     baseline, prdp = _common.compare(trainer, controller, info["k_max"],
                                      with_baseline=args.compare, progress=not args.quiet)
     return _common.finish(EXAMPLE, baseline, prdp, args.out,
-                          f"Navier-Stokes corrector ({args.setup}, {args.modality}): PRDP vs "
-                          f"converged (GMRES {info['k_advection']}, CG {info['k_pressure']})",
+                          f"{title}: PRDP vs converged (GMRES {info['k_advection']}, "
+                          f"CG {info['k_pressure']})",
                           k_counts=lambda k: solve_counts(k, info["k_advection"],
                                                           info["k_pressure"]))
 

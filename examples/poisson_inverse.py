@@ -164,6 +164,7 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
                      **problem.get("solver_options", {}))
         return jnp.sum((u - u_ref) ** 2) / (2 * n)
 
+
     @jax.jit
     def step_jit(state: tuple, k: jax.Array, k_adjoint: jax.Array) -> tuple:
         params, opt_state = state
@@ -185,9 +186,23 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     def iterations_per_epoch(k: int, k_adjoint: int) -> int:
         return k + (k_adjoint if args.adjoint == "implicit" else k)
 
+    signal = _common.signal_function(args, optimizer, loss_fn)
+
+    def gradient(state: tuple, k: int, k_adjoint: int) -> jax.Array:
+        # The fidelity signal's gradient: the training loss's (one observation, no batches).
+        return signal(*state, jnp.asarray(k), jnp.asarray(k_adjoint))
+
     return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                            validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
-                           epochs=steps, unit="step")
+                           epochs=steps, unit="step", gradient=gradient,
+                           gradient_iterations=iterations_per_epoch)
+
+
+def make_controller(problem: dict[str, Any], args: argparse.Namespace) -> po.PRDPController:
+    """PRDP with the problem's settings and ``--rule``. ``latch=False`` as the paper's code:
+    under the plateau rule a later plateau may still refine after a "stop" (the fidelity rule
+    never stops)."""
+    return po.PRDPController(latch=False, **_common.rule_options(args), **problem["controller"])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,9 +234,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"Poisson inverse {args.variant} ({problem['size']}), solver {problem['solver']}, "
           f"adjoint {args.adjoint}, {trainer.epochs} steps; converged baseline K = "
           f"{k_baseline}", file=sys.stderr)
-    # latch=False as the paper's code: after a "stop" a later plateau may still refine (the
-    # library's default, latch=True, keeps K from the first "stop" on).
-    controller = po.PRDPController(latch=False, **problem["controller"])
+    if args.sweep:
+        settings = problem["controller"]
+        ks = args.sweep_ks or _common.sweep_grid(k_baseline, settings["k_min"],
+                                                 settings["k_step"])
+        return _common.sweep(f"{EXAMPLE}_{args.variant}", trainer,
+                             lambda: make_controller(problem, args), k_baseline, ks,
+                             args.out.with_name(args.out.stem + "_sweep.png"),
+                             f"Poisson inverse ({args.variant}): final error vs cost",
+                             progress=not args.quiet)
+    controller = make_controller(problem, args)
     baseline, prdp = _common.compare(trainer, controller, k_baseline,
                                      with_baseline=args.compare, progress=not args.quiet)
     estimates = {run.label: np.asarray(run.final_state[0]) for run in (baseline, prdp)

@@ -52,6 +52,16 @@ and less once the optimiser's error shrinks. :math:`\gamma = 2` (doubling) bound
 at a factor 2 and the number of refinements to reach ``k_max`` at :math:`\log_2(k_\text{max} /
 k_\text{min})`. The same values serve every example in ``examples/``.
 
+A tolerance that shrinks with progress (``fidelity_power`` :math:`p > 0`). A gradient whose
+magnitude or direction is off by a fraction :math:`\delta` slows the descent by about that
+fraction, so over a run in which the metric keeps falling (no floor but the physics) the final
+metric is off by about :math:`\exp(\sum_n \delta_n r_n)`, :math:`r_n = \ln(e_{n-1}/e_n)` the
+progress of check :math:`n`: a constant tolerance lets that grow with the number of e-folds
+the metric falls. The tolerance :math:`\varepsilon_n = \varepsilon\,\min(1, e_n/e_0)^p`
+bounds the sum by :math:`\varepsilon / p`, whatever the length of the run (HOAG's summable
+tolerances); where the network sets a floor the metric stops falling and so does the
+tolerance.
+
 The fidelity given at a check is kept until the next refinement (after which it describes
 other counts and is dropped): between measurements the rule holds (``"awaiting signal"``). No
 decision is taken in the first ``lookback`` checks (the warm-up, as below). The rule never
@@ -202,6 +212,12 @@ class PRDPController:
         ``"hold"`` instead.
     fidelity_tol : float, default 0.1
         Rule ``"fidelity"``: refine while the gradient fidelity exceeds it (> 0).
+    fidelity_power : float, default 1.0
+        Rule ``"fidelity"``: the tolerance at check ``n`` is ``fidelity_tol * min(1, ema_n /
+        ema_0) ** fidelity_power`` (>= 0): with a power ``p > 0`` it shrinks as the monitored
+        metric falls, so that the accuracy lost to inexact gradients, summed over a run whose
+        metric keeps falling, stays bounded (see the module documentation). ``0`` keeps it
+        constant.
     growth : float, default 2.0
         Rule ``"fidelity"``: factor by which one refinement multiplies ``k`` (>= 1, rounded to
         whole ``k_step``\ s, at least one).
@@ -241,6 +257,7 @@ class PRDPController:
         rule: str = "fidelity",
         fidelity_tol: float = 0.1,
         growth: float = 2.0,
+        fidelity_power: float = 1.0,
         history_limit: int | None = None,
     ) -> None:
         self._hp = make_hyperparameters(
@@ -248,6 +265,7 @@ class PRDPController:
             k_adjoint_min=k_adjoint_min, k_adjoint_step=k_adjoint_step,
             k_adjoint_max=k_adjoint_max, latch=latch, use_ema=use_ema,
             residual_tol=residual_tol, rule=rule, fidelity_tol=fidelity_tol, growth=growth,
+            fidelity_power=fidelity_power,
         )
         self._history_limit = (
             None if history_limit is None else check_int("history_limit", history_limit, 0)

@@ -55,6 +55,7 @@ RULES: tuple[str, ...] = ("fidelity", "plateau")
 #: is read with; they do not affect rule="plateau").
 DEFAULT_FIDELITY_TOL = 0.1
 DEFAULT_GROWTH = 2.0
+DEFAULT_FIDELITY_POWER = 1.0
 # The reason determines the decision, so the history stores only the reason.
 DECISION_OF: dict[str, Decision] = {
     reason: "refine" if reason in REFINE_REASONS else "stop" if reason == "no gain" else "hold"
@@ -201,6 +202,7 @@ class Hyperparameters:
     rule: str = "plateau"
     fidelity_tol: float = DEFAULT_FIDELITY_TOL
     growth: float = DEFAULT_GROWTH
+    fidelity_power: float = DEFAULT_FIDELITY_POWER
 
     @functools.cached_property
     def alpha(self) -> float:
@@ -230,6 +232,7 @@ def make_hyperparameters(
     rule: Any = "fidelity",
     fidelity_tol: Any = DEFAULT_FIDELITY_TOL,
     growth: Any = DEFAULT_GROWTH,
+    fidelity_power: Any = DEFAULT_FIDELITY_POWER,
 ) -> Hyperparameters:
     """Validate the rule's arguments; see :class:`~prdp_ops.PRDPController` for each.
 
@@ -262,13 +265,20 @@ def make_hyperparameters(
     if growth < 1:
         raise ValueError(f"PRDPController: growth must be >= 1 (1 refines by k_step alone); "
                          f"received {growth!r}.")
+    if isinstance(fidelity_power, bool) or not isinstance(fidelity_power, numbers.Real):
+        raise TypeError(f"PRDPController: fidelity_power must be a real number >= 0; received "
+                        f"{fidelity_power!r} of type {type(fidelity_power).__name__}.")
+    fidelity_power = float(fidelity_power)
+    if not (math.isfinite(fidelity_power) and fidelity_power >= 0):
+        raise ValueError(f"PRDPController: fidelity_power must be finite and >= 0; received "
+                         f"{fidelity_power!r}.")
     return Hyperparameters(
         k_min=k_min, k_step=k_step, k_max=k_max, tau_step=tau_step, tau_stop=tau_stop,
         ema_window=ema_window, lookback=lookback, k_adjoint_min=adjoint_min,
         k_adjoint_step=k_step if adjoint_step is None else adjoint_step,
         k_adjoint_max=adjoint_max, latch=check_bool("latch", latch),
         use_ema=check_bool("use_ema", use_ema), residual_tol=_check_residual_tol(residual_tol),
-        rule=rule, fidelity_tol=fidelity_tol, growth=growth,
+        rule=rule, fidelity_tol=fidelity_tol, growth=growth, fidelity_power=fidelity_power,
     )
 
 
@@ -281,7 +291,8 @@ class ControllerState(NamedTuple):
     ``checkpoint`` is ``math.inf`` before the first refinement; ``recent_emas`` holds the last
     ``min(checks, lookback)`` moving averages, oldest first. ``fidelity`` is the last gradient
     fidelity measured at the current counts (``None`` when none was given since the last
-    refinement); ``signal_seen`` whether any was ever given (rule ``"fidelity"`` only).
+    refinement); ``signal_seen`` whether any was ever given; ``first_ema`` the first check's
+    average, the scale of the fidelity tolerance (rule ``"fidelity"`` only).
     """
 
     checks: int
@@ -293,6 +304,7 @@ class ControllerState(NamedTuple):
     solver_converged: bool
     fidelity: float | None = None
     signal_seen: bool = False
+    first_ema: float | None = None
 
 
 class CheckRecord(NamedTuple):
@@ -392,13 +404,15 @@ def update(
         residual <= hp.residual_tol
     )
     plateau = state.checks >= hp.lookback and _ratio(ema, recent[0]) > hp.tau_step
-    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen = state
+    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first = state
+    first = ema if first is None else first
     if hp.rule == "fidelity" and fidelity is not None:
         current, seen = fidelity, True
     if hp.rule == "plateau":
         reason = _reason(hp, state, ema, plateau, converged)
     else:
-        reason = _reason_fidelity(hp, state, plateau, converged, current, seen)
+        reason = _reason_fidelity(hp, state, plateau, converged, current, seen,
+                                  tolerance(hp, ema, first))
     # Positional construction: this runs once per check, and keywords cost a third of it.
     record = CheckRecord(loss, ema, k, k_adjoint, reason, plateau, checkpoint, residual,
                          converged)
@@ -410,7 +424,15 @@ def update(
     elif reason == "no gain":
         stopped = True
     return ControllerState(checks + 1, recent, k, k_adjoint, checkpoint, stopped,
-                           converged, current, seen), record
+                           converged, current, seen, first), record
+
+
+def tolerance(hp: Hyperparameters, ema: float, first_ema: float) -> float:
+    """The fidelity rule's tolerance at a check: ``fidelity_tol * min(1, ema / first_ema) **
+    fidelity_power`` (``fidelity_tol`` when ``first_ema`` is 0 or the power is 0)."""
+    if hp.fidelity_power == 0 or first_ema <= 0:
+        return hp.fidelity_tol
+    return hp.fidelity_tol * min(1.0, ema / first_ema) ** hp.fidelity_power
 
 
 def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str | None:
@@ -426,7 +448,7 @@ def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str |
 
 def _reason_fidelity(
     hp: Hyperparameters, state: ControllerState, plateau: bool, converged: bool,
-    fidelity: float | None, seen: bool,
+    fidelity: float | None, seen: bool, tol: float,
 ) -> str:
     """The fidelity rule's reason, from the state before the check (pure)."""
     if state.checks < hp.lookback:
@@ -439,7 +461,7 @@ def _reason_fidelity(
         return _held(hp, state, converged) or "plateau"
     if fidelity is None:
         return "awaiting signal"
-    if fidelity <= hp.fidelity_tol:
+    if fidelity <= tol:
         return "fidelity ok"
     return _held(hp, state, converged) or "fidelity"
 

@@ -35,6 +35,7 @@ from prdp_ops._controller_columns import ColumnError, as_list, decode_json, desc
 from prdp_ops._controller_history import ROW_KEYS, History, converged, run_lengths
 from prdp_ops._controller_rule import (
     DECISION_OF,
+    DEFAULT_FIDELITY_POWER,
     DEFAULT_FIDELITY_TOL,
     DEFAULT_GROWTH,
     REASON_CODE,
@@ -53,10 +54,11 @@ _STATE_KEYS_V2 = frozenset(
     {"format", "version", "hyperparameters", "checks", "recent_emas", "k", "k_adjoint",
      "checkpoint", "stopped", "solver_converged", "history"}
 )
-_STATE_KEYS = _STATE_KEYS_V2 | {"fidelity", "signal_seen"}
+_STATE_KEYS = _STATE_KEYS_V2 | {"fidelity", "signal_seen", "first_ema"}
 # What a state saved before the rule was a setting (versions 1 and 2) was run with.
 _PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY_TOL,
-                             "growth": DEFAULT_GROWTH}
+                             "growth": DEFAULT_GROWTH,
+                             "fidelity_power": DEFAULT_FIDELITY_POWER}
 # Settings that shape only the bookkeeping, not the decisions: a state may be loaded into a
 # controller whose value differs (the loaded history is then cut to this controller's limit).
 _BOOKKEEPING = ("history_limit",)
@@ -92,6 +94,7 @@ def encode_state(
         "solver_converged": state.solver_converged,
         "fidelity": state.fidelity,
         "signal_seen": state.signal_seen,
+        "first_ema": state.first_ema,
         "history": None if history is None else history.to_json(),
     }
 
@@ -215,8 +218,15 @@ def parse_state(
         if not isinstance(saved[name], bool):
             raise _error(f"state[{name!r}]", f"must be True or False; {_received(saved[name])}")
         flags[name] = saved[name]
-    fidelity, signal_seen = None, False
+    fidelity, signal_seen, first_ema = None, False, None
     if version >= 3:
+        # None before the first check; also later in a state resumed from version 1 or 2
+        # (rule "plateau", which does not read it).
+        if saved["first_ema"] is not None and checks == 0:
+            raise _error("state['first_ema']", f"= {saved['first_ema']!r} contradicts checks = 0 "
+                                               "(None before the first check).")
+        if saved["first_ema"] is not None:
+            first_ema = _number("state['first_ema']", saved["first_ema"])
         if not isinstance(saved["signal_seen"], bool):
             raise _error("state['signal_seen']",
                          f"must be True or False; {_received(saved['signal_seen'])}")
@@ -228,7 +238,7 @@ def parse_state(
                                                   "False (a fidelity was given).")
     state = ControllerState(checks=checks, recent_emas=recent_emas, k=k, k_adjoint=k_adjoint,
                             checkpoint=checkpoint, **flags, fidelity=fidelity,
-                            signal_seen=signal_seen)
+                            signal_seen=signal_seen, first_ema=first_ema)
     return state, _parse_history(saved["history"], version, hp, history_limit, state)
 
 

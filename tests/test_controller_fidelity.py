@@ -32,7 +32,8 @@ from prdp_ops._controller_rule import growth_steps, next_count
 
 def test_default_rule_is_fidelity_with_one_setting():
     hyper = po.PRDPController().hyperparameters()
-    assert (hyper["rule"], hyper["fidelity_tol"], hyper["growth"]) == ("fidelity", 0.1, 2.0)
+    assert (hyper["rule"], hyper["fidelity_tol"], hyper["growth"], hyper["fidelity_power"]) == (
+        "fidelity", 0.1, 2.0, 1.0)
 
 
 def test_refines_above_tolerance_geometrically_on_the_grid():
@@ -51,7 +52,7 @@ def test_refines_above_tolerance_geometrically_on_the_grid():
 
 
 def test_holds_at_or_below_tolerance_and_waits_after_refining():
-    controller = po.PRDPController(lookback=2, fidelity_tol=0.25)
+    controller = po.PRDPController(lookback=2, fidelity_tol=0.25, fidelity_power=0)
     got = [controller.update(1.0, fidelity=f) for f in (0.5, 0.5, 0.25, 0.26)]
     assert got == ["hold", "hold", "hold", "refine"]
     # No new measurement at the new count: hold, whatever the loss does (no "stop" either).
@@ -351,3 +352,18 @@ def test_no_floor_but_the_physics_reaches_the_converged_k():
                                 tau_step=0.92, latch=False)
     plateau_metric, plateau_ks = problem.run(plateau, CHECKS, K_MAX)
     assert plateau_ks[-1] < K_MAX and plateau_metric > 10 * converged
+
+
+def test_tolerance_shrinks_with_the_metric_by_fidelity_power():
+    """tol_n = fidelity_tol * min(1, ema_n / ema_0) ** fidelity_power: a fidelity of 0.05 is
+    within 0.1 while the metric is at its start, and not once it fell fourfold (power 1/2:
+    0.1 * (1/4) ** 0.5 = 0.05 is the boundary, so 0.051 refines)."""
+    controller = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0.5)
+    assert [controller.update(1.0, fidelity=0.05) for _ in range(3)] == ["hold"] * 3
+    assert controller.update(0.25, fidelity=0.05) == "hold"    # 0.05 <= 0.05
+    assert controller.update(0.25, fidelity=0.051) == "refine"
+    rising = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0.5)
+    # A metric above its first value does not loosen the tolerance beyond fidelity_tol.
+    assert [rising.update(4.0 if n else 1.0, fidelity=0.09) for n in range(4)] == ["hold"] * 4
+    with pytest.raises(ValueError, match="fidelity_power"):
+        po.PRDPController(fidelity_power=-1)
