@@ -71,24 +71,24 @@ def tolerance(value: Any, name: str) -> Any:
 
 
 def solve_dtype(A_dtype: Any, b_dtype: Any, solver: IterativeSolver) -> Any:
-    """The dtype the solve computes in, promoted as ``jnp.linalg.solve`` promotes.
+    """The dtype the solve computes in: exactly what ``jnp.linalg.solve`` returns for A's
+    and b's dtypes (asked of it on 1 x 1 shapes, so nothing is computed).
 
-    ``jnp.result_type`` of A's and b's dtypes (so it follows ``jax_numpy_dtype_promotion``:
-    under ``"strict"`` the two must agree), then integers go to JAX's default float (float64
-    with x64 enabled, as NumPy; float32 without).
+    That is ``jnp.result_type(A, b)``, following ``jax_numpy_dtype_promotion`` (under
+    ``"strict"`` the two must agree), with integers made inexact as JAX makes them: int64
+    (the integer dtype with x64 enabled) gives float64, as NumPy; narrower ints give float32.
     """
     if not (jnp.issubdtype(b_dtype, jnp.number) and jnp.issubdtype(A_dtype, jnp.number)):
         raise TypeError(f"A and b must be numeric; got dtypes {A_dtype} and {b_dtype}")
     try:
-        dtype = jnp.result_type(A_dtype, b_dtype)
+        dtype = jax.eval_shape(jnp.linalg.solve, jax.ShapeDtypeStruct((1, 1), A_dtype),
+                               jax.ShapeDtypeStruct((1,), b_dtype)).dtype
     except jax.dtypes.TypePromotionError as err:
         raise TypeError(
             f"A has dtype {A_dtype} and b has dtype {b_dtype}, which JAX's strict dtype "
             "promotion (jax_numpy_dtype_promotion='strict') does not mix; cast one to the "
             f"other's dtype (e.g. b.astype({A_dtype}))"
         ) from err
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        dtype = jnp.result_type(float)  # canonical: float64 with x64, float32 without
     if jnp.issubdtype(dtype, jnp.complexfloating) and not solver.supports_complex:
         raise TypeError(
             f"solver {solver.name!r} does not support complex data (dtype {dtype}); use "

@@ -238,7 +238,9 @@ def solve(
         if args.is_traced(checkpoint_every):
             raise TypeError("checkpoint_every must be a static int (it sizes buffers); got a "
                             "tracer")
-    adjoint_capacity = adjoint_maxiter if adjoint_maxiter is not None else maxiter
+    # A concrete count, also when given as a jax array: it sizes the adjoint's history.
+    adjoint_capacity = (maxiter if adjoint_maxiter is None
+                        else args.count(adjoint_maxiter, "adjoint_maxiter"))
     history_size = args.history_size(capacity, n)
     if n == 0:  # the empty vector solves it; no solver runs (as on the bridge)
         from prdp_ops.backends._jax_bridge import empty_solve
