@@ -195,21 +195,22 @@ def sqrt_checkpoints(capacity: int) -> int:
     return max(1, math.isqrt(max(capacity - 1, 0)) + 1)
 
 
-def tape_bytes(capacity: int, every: int, tape_state: int, full_state: int) -> int:
-    """Bytes of the unrolled sweep's buffers: ``ceil(capacity / every)`` checkpoints of the
-    entries ``step`` reads, and (``every > 1``) a segment of ``every`` full states."""
+def tape_bytes(capacity: int, every: int, state: int) -> int:
+    """Bytes of the unrolled sweep's buffers, for ``state`` bytes of the entries ``step``
+    reads: ``ceil(capacity / every)`` checkpoints and (``every > 1``) a segment of
+    ``every`` recomputed states."""
     slots = -(-max(capacity, 1) // every)
-    return slots * tape_state + (every * full_state if every > 1 else 0)
+    return (slots + (every if every > 1 else 0)) * state
 
 
-def check_memory(capacity: int, every: int, tape_state: int, full_state: int,
-                 limit: int | None, *, maxiter_given: bool) -> None:
+def check_memory(capacity: int, every: int, tape_state: int, limit: int | None, *,
+                 maxiter_given: bool) -> None:
     """Raise before allocating a tape the device cannot hold."""
-    need = tape_bytes(capacity, every, tape_state, full_state)
+    need = tape_bytes(capacity, every, tape_state)
     if limit is None or need <= limit:
         return
     best = sqrt_checkpoints(capacity)
-    least = tape_bytes(capacity, best, tape_state, full_state)
+    least = tape_bytes(capacity, best, tape_state)
     origin = "maxiter" if maxiter_given else "the default maxiter = 10 n"
     raise MemoryError(
         f"adjoint='unrolled' needs a tape of {need:,} bytes ({capacity} iterations from "

@@ -409,7 +409,11 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
                         loop: LoopOutput, tape: Tape, restore: Callable,
                         step_pullback: Callable, carry: tuple) -> tuple:
     """Reverse sweep with a checkpoint every ``tape.every`` steps: each segment is recomputed
-    forward from its checkpoint into a buffer of ``tape.every`` states, then reversed."""
+    forward from its checkpoint into a buffer of ``tape.every`` states, then reversed.
+
+    The segment buffer keeps only the entries ``step`` reads (``tape.keys``), like the
+    checkpoints: the others cannot change a step's derivative (``restore`` fills them in).
+    """
     every, accepted = tape.every, loop.accepted
     template = restore({})
     segments = (accepted + every - 1) // every
@@ -419,8 +423,8 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
         start = s * every
         length = jnp.minimum(every, accepted - start)
         first = restore({key: buf[s] for key, buf in loop.tape.items()})
-        local = jax.tree_util.tree_map(
-            lambda v: jnp.zeros((every, *jnp.shape(v)), jnp.result_type(v)), template)
+        local = {k: jnp.zeros((every, *jnp.shape(template[k])), jnp.result_type(template[k]))
+                 for k in loop.tape}
 
         def forward(j: Any, acc: tuple) -> tuple:
             state, local = acc
@@ -431,7 +435,7 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
 
         def backward(j: Any, carry: tuple) -> tuple:
             k = length - 1 - j
-            return step_pullback({key: buf[k] for key, buf in local.items()}, carry)
+            return step_pullback(restore({key: buf[k] for key, buf in local.items()}), carry)
 
         return lax.fori_loop(0, length, backward, carry)
 

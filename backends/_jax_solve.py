@@ -394,15 +394,13 @@ def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Ta
     keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
     capacity = max(problem.tape_capacity, 1)
     tape_state = sum(_nbytes(state[k]) for k in keys)
-    full_state = sum(_nbytes(v) for v in state.values())
     limit = args.device_memory()
     every = problem.checkpoint_every
     if every is None:
-        full = args.tape_bytes(capacity, 1, tape_state, full_state)
+        full = args.tape_bytes(capacity, 1, tape_state)
         fits = limit is None or 8 * full <= limit
         every = 1 if problem.maxiter_given and fits else args.sqrt_checkpoints(capacity)
-    args.check_memory(capacity, every, tape_state, full_state, limit,
-                      maxiter_given=problem.maxiter_given)
+    args.check_memory(capacity, every, tape_state, limit, maxiter_given=problem.maxiter_given)
     return driver.Tape(capacity, keys, every)
 
 

@@ -355,8 +355,8 @@ def test_unrolled_default_tape_does_not_scale_with_10n() -> None:
         loss, c, _ = _stencil_loss((128, 128))
         compiled = jax.jit(jax.grad(loss)).lower(c).compile()
         # A tape of 10 n = 163840 CG states (r and p: 2 x 128 KiB each) would be 43 GB. The
-        # default checkpoints every ceil(sqrt(10 n)) = 405 steps: 405 kept states and one
-        # segment of 405 full states (x, r, p, q), under 0.4 GB.
+        # default checkpoints every ceil(sqrt(10 n)) = 405 steps: 405 checkpoints and one
+        # segment of 405 recomputed states of what a step reads (x, r, p: 384 KiB), 0.3 GB.
         assert compiled.memory_analysis().temp_size_in_bytes < 2**30
 
 
