@@ -615,6 +615,8 @@ def plot_sweep(path: Path, fixed: dict[int, RunResult], prdp: RunResult, k_suffi
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
         return None
+    from matplotlib.ticker import NullFormatter
+
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.0), constrained_layout=True)
     converged = fixed[k_converged].val_error
     for ax, cost, label in ((axes[0], "solver_iterations", "cumulative solver iterations"),
@@ -632,6 +634,7 @@ def plot_sweep(path: Path, fixed: dict[int, RunResult], prdp: RunResult, k_suffi
         ax.plot(getattr(prdp, cost), prdp.val_error, "*", markersize=15, color="tab:red",
                 label=f"PRDP (final K = {prdp.k_final})")
         ax.set(xlabel=label, ylabel="final validation metric")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log axes: label the decades only
         ax.legend(fontsize=7)
     fig.suptitle(title)
     path = Path(path)
