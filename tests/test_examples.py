@@ -65,6 +65,34 @@ def test_converged_iterations_finds_the_threshold():
     assert common.converged_iterations(lambda k: 0.5**k, 1e-3, 7) == 7
 
 
+def test_sweep_grid_is_geometric_on_the_schedule_grid():
+    common = load("_common")
+    assert common.sweep_grid(29) == [1, 2, 3, 4, 7, 11, 18, 29]
+    grid = common.sweep_grid(600, 25, 10)
+    assert grid[0] == 25 and grid[-1] == 600 and all((k - 25) % 10 == 0 for k in grid[:-1])
+    assert common.sweep_grid(5, 5, 5) == [5]
+
+
+def test_sweep_reports_k_sufficient_and_the_oracle(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    result = load("poisson_inverse").main(["--sweep", "--sweep-ks", "25,105,305", "--steps",
+                                           "40", "--quiet", "--out", str(png)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == json.loads(
+        json.dumps(result))
+    ks = [row["k"] for row in result["sweep"]]
+    assert ks == [25, 105, 305, 600]  # the converged count is always swept
+    converged = result["sweep"][-1]["val_error"]
+    sufficient = [row["k"] for row in result["sweep"] if row["val_error"] <= 1.05 * converged]
+    assert result["k_sufficient"] == sufficient[0]
+    oracle = next(row for row in result["sweep"] if row["k"] == result["k_sufficient"])
+    assert result["oracle"]["solver_iterations"] == oracle["solver_iterations"] == (
+        40 * 2 * result["k_sufficient"])
+    assert result["prdp_vs_oracle_iterations"] == round(
+        result["prdp"]["solver_iterations"] / oracle["solver_iterations"], 4)
+    assert result["prdp"]["rule"] == "fidelity"
+    assert (tmp_path / "p_sweep.png").stat().st_size > 0
+
+
 def test_summary_percentages_and_ratio():
     common = load("_common")
     baseline = common.RunResult("baseline", 0.2, 1000, 10.0, 50, [])
@@ -119,13 +147,18 @@ def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
 
 
 @slow
-def test_heat_emulator_1d_learns_and_saves_iterations(tmp_path, capsys):
-    result = run("heat_emulator", ["--dim", "1"], tmp_path, capsys)
+@pytest.mark.parametrize(("rule", "saved_pct"), [("fidelity", 30), ("plateau", 50)])
+def test_heat_emulator_1d_learns_and_saves_iterations(rule, saved_pct, tmp_path, capsys):
+    result = run("heat_emulator", ["--dim", "1", "--rule", rule], tmp_path, capsys)
     # Validation metric: two-step nMSE of the network alone; predicting zero scores 1, the
     # untrained network about 5.
     assert result["baseline"]["val_error"] < 1.0
     assert result["prdp"]["val_error"] < 1.0
-    assert result["iterations_saved_pct"] > 50
+    # Measured (examples/RESULTS.md, these seeds): 41.7% saved at a val ratio of 0.78 with
+    # the default rule, 81.6% at 0.84 with the paper's; the bounds leave a margin of 10 and
+    # 30 points, and the accuracy bound is the 1.05.
+    assert result["iterations_saved_pct"] > saved_pct
+    assert result["val_error_ratio"] <= 1.05
     assert result["prdp"]["k_final"] <= 29
 
 
