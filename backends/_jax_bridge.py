@@ -210,7 +210,7 @@ class _Bridge:
         problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
         result = problem.run().result
         return (_xp(b).asarray(result.x, dtype=self.dtype).reshape(self.n),
-                *_encode(result, self.history_size))
+                *_encode(result, self.history_size, np.finfo(self.dtype).dtype))
 
     def backward_host(self, params: dict, constants: tuple, m_params: dict,
                       m_constants: tuple, b: Any, x0: Any, controls: Any, x: Any,
@@ -305,8 +305,9 @@ def empty_solve(b_in: Any, dtype: Any, history_size: int | None, return_result: 
                                 solver.name or type(solver).__name__)
 
 
-def _encode(result: po.SolveResult, history_size: int | None) -> tuple:
-    """Iterations, status code and residual history as fixed-shape host arrays."""
+def _encode(result: po.SolveResult, history_size: int | None, real: Any) -> tuple:
+    """Iterations, status code and residual history (in the solve's real dtype ``real``,
+    as the callback's result shapes declare it) as fixed-shape host arrays."""
     norms = np.asarray(result.residual_norms, dtype=np.float64)
     if history_size is None:
         history = np.array([norms[0], norms[-1]])
@@ -314,7 +315,7 @@ def _encode(result: po.SolveResult, history_size: int | None) -> tuple:
         history = np.full(history_size + 1, np.nan)
         history[: norms.size] = norms[: history_size + 1]
     return (np.int32(result.iterations), np.int32(driver.STATUSES.index(result.status)),
-            history)
+            history.astype(real))
 
 
 def _numpy_transport(fn: Callable, result_shapes: Any, *args: Any, vmap_method: str) -> Any:

@@ -21,11 +21,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
-
-import prdp_ops as po
-import prdp_ops.linalg as pl
-from prdp_ops._solution import STAGNATION_WINDOW
-from tests.helpers import (
+from helpers import (
     DTYPES,
     SolverCase,
     convection_diffusion_2d,
@@ -35,6 +31,10 @@ from tests.helpers import (
     random_vector,
     spd,
 )
+
+import prdp_ops as po
+import prdp_ops.linalg as pl
+from prdp_ops._solution import STAGNATION_WINDOW
 
 SCIPY_NAMED = ("cg", "bicgstab", "gmres")
 

@@ -22,9 +22,9 @@ The state has fixed shapes (``V`` is ``(m + 1, n)`` with ``m = min(restart, n)``
 yet in use are zero), so the same code runs inside ``jax.lax.while_loop``. Orthogonalisation
 is classical Gram-Schmidt applied twice (CGS2), which is as accurate as modified Gram-Schmidt
 and made of matrix-vector products with ``V`` instead of a loop over its rows. A happy
-breakdown (``h_{j+1,j} = 0``: the Krylov space is invariant and ``x_j`` is exact) is
-convergence, not failure; a zero pivot ``R_jj = 0`` while the residual is non-zero (``A M``
-singular on the Krylov space) is reported as breakdown.
+breakdown (``h_{j+1,j} <= eps ||A M v_j||``: the Krylov space is invariant, up to rounding,
+and ``x_j`` is exact) is convergence, not failure; a pivot ``R_jj <= eps ||A M v_j||`` while
+the residual is non-zero (``A M`` singular on the Krylov space) is reported as breakdown.
 """
 
 from __future__ import annotations
@@ -191,6 +191,13 @@ class GMRES(IterativeSolver):
         h1, h2, _, w2 = _orthogonalise(ops, rows, w)
         h_next = _safe_norm(ops, w2)
         column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]), h1 + h2)
+        # ||w|| from the column (V is orthonormal, so ||w||^2 = ||h||^2 + h_next^2): the
+        # scale against which "zero" is judged. Exact zeros are rare in floating point: a
+        # Krylov space invariant up to rounding leaves h_next ~ eps ||w||, whose direction
+        # is noise. Like SciPy (h_{j+1,j} <= eps h0), such an h_next is a happy breakdown.
+        w_norm = _safe_sqrt(ops, xp.real(ops.vdot(column, column)) + h_next**2)
+        eps = float(xp.finfo(h_next.dtype).eps)
+        h_next = xp.where(h_next <= eps * w_norm, h_next * 0, h_next)
         column = ops.set_at(column, j + 1, h_next)
         V = ops.set_at(V, j + 1, ops.safe_divide(w2, h_next))
         H = ops.set_at(H, (slice(None), j), column)
@@ -207,7 +214,10 @@ class GMRES(IterativeSolver):
                        j + 1, c * q_next - s * q_j)
         # ||b - A x_{j+1}|| = beta |e_{j+1}^T Q e_0|; before the step it was beta |Q[j, 0]|.
         residual_before = beta * xp.abs(q_j[0])
-        breakdown = xp.logical_and(rho == 0, residual_before > 0)
+        # A new pivot rho ~ eps ||w|| means A M is singular on the Krylov space (up to
+        # rounding): the least-squares solution would divide by noise. While the residual is
+        # not zero that is a breakdown; the driver keeps the state before this step.
+        breakdown = xp.logical_and(rho <= eps * w_norm, residual_before > 0)
         q = Q[j + 1, 0]
         return {"x_cycle": state["x_cycle"], "V": V, "H": H, "Q": Q, "beta": beta,
                 "j": j + 1, "rnorm": beta * _safe_sqrt(ops, xp.real(xp.conj(q) * q)),
