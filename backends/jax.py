@@ -41,6 +41,7 @@ from prdp_ops.backends import _jax_args as args
 from prdp_ops.backends import _jax_driver as driver
 from prdp_ops.backends._jax_operators import as_jax_operator, operand_dtype, rebuilder
 from prdp_ops.backends._jax_ops import OPS, JaxOps, JaxSolveResult, bcoo_diagonal
+from prdp_ops.backends._jax_scipy import bicgstab, cg, gmres
 from prdp_ops.backends._jax_solve import Problem, report, solve_core
 
 from prdp_ops._operators.base import LinearOperator
@@ -48,7 +49,8 @@ from prdp_ops._solution import SolveResult
 from prdp_ops._solver.base import IterativeSolver
 from prdp_ops._solver.registry import resolve_solver
 
-__all__ = ["OPS", "JaxOps", "JaxSolveResult", "bcoo_diagonal", "solve"]
+__all__ = ["OPS", "JaxOps", "JaxSolveResult", "bcoo_diagonal", "bicgstab", "cg", "gmres",
+           "solve"]
 
 logger = logging.getLogger("prdp_ops")
 
