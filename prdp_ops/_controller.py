@@ -69,9 +69,11 @@ the metric falls. The tolerance :math:`\varepsilon_n = \varepsilon\,\min(1, e_n/
 bounds the sum by :math:`\varepsilon / p`, whatever the length of the run (HOAG's summable
 tolerances); where the network sets a floor the metric stops falling and so does the
 tolerance. The default :math:`p = 1` bounds the accuracy lost at about :math:`e^{0.1}`. It is
-conservative where the network sets the floor: measured in ``examples/RESULTS.md``, it keeps
-the converged baseline's validation metric where the paper's rule loses it by 2-100x, but
-saves 4-42% of the solver iterations where the paper's rule saves 14-91%.
+conservative where the network sets the floor. Measured in ``examples/RESULTS.md``: it keeps
+the converged baseline's validation metric on the linear 1D and the small 3D heat emulators
+and on the 1D Poisson inverse problem, where the paper's rule loses it by 2-100x, but not on
+three configurations (up to 2.4x), and it saves 4-59% of the solver iterations where the
+paper's rule saves 14-91%.
 
 The fidelity given at a check is kept until the next refinement (after which it describes
 other counts and is dropped): between measurements the rule holds (``"awaiting signal"``). No
