@@ -203,7 +203,10 @@ def agree_tol(dtype: Any, cond: float = 1.0, iterations: int = 1, *, power: int 
     Where the model does not hold. Krylov methods with short recurrences (CG, BiCGSTAB)
     lose orthogonality in floating point once a Ritz value converges (for these small
     problems: near n steps); from then on two runs that round differently take different
-    paths and their iterates agree only as far as both are converged. Compare those by
+    paths and their iterates agree only as far as both are converged (measured: CG on
+    ``spd(10)``, cond 50, stopped at step 10 moves x by ~100 eps cond k between orders, an
+    unrolled gradient through 8 steps by ~1e-10; on cond 1000 mid-solve iterates by 1e-5).
+    Compare those by
     :func:`converged_tol` (solutions) or :func:`permutation_spread` (anything else, e.g. an
     unrolled gradient through such steps), not by this model.
 
@@ -267,7 +270,6 @@ def assert_agree(actual: Any, desired: Any, tol: float, err_msg: str = "") -> No
     scale = float(np.max(np.abs(desired))) if desired.size else 0.0
     np.testing.assert_allclose(np.asarray(actual), desired, rtol=0, atol=tol * scale,
                                err_msg=err_msg)
-
 
 
 def assert_product_agrees(actual: Any, desired: Any, D: Any, v: Any, dtype: Any = np.float64,
