@@ -57,7 +57,8 @@ Each one is pinned by a test in ``tests/test_jax_scipy_dropin.py``.
    solve's floating dtype and a real leaf of a complex solve the complex dtype (the solve
    computes in ``jnp.linalg.solve``'s dtype for ``A`` and ``b``); JAX's solvers fail or
    truncate there. Under ``jax_numpy_dtype_promotion="strict"`` a matrix ``A`` must have
-   ``b``'s dtype.
+   ``b``'s dtype. A Python-scalar ``b`` gives a weakly typed ``x`` from all three (JAX's
+   BiCGSTAB and GMRES keep the weak type too; its CG drops it).
 5. **Stricter arguments.** ``tol`` and ``atol`` must be finite and ``>= 0`` (JAX accepts
    anything and never converges on a NaN), ``maxiter`` a non-negative int or traced integer
    scalar, ``restart`` an int ``>= 1``. Errors keep JAX's wording (``"x0 and b must have
