@@ -23,9 +23,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RESULT_KEYS = {"example", "baseline", "prdp", "iterations_saved_pct", "time_saved_pct",
                "val_error_ratio"}
 RUN_KEYS = {"val_error", "solver_iterations", "wall_s"}
-#: Training runs of tens of seconds each on 2 cores: deselected by default (pyproject's
-#: addopts), run by `pytest -m slow` (CI's second step). The default run keeps one smoke run
-#: per example that solves (poisson_inverse, heat_emulator --dim 3, custom_solver).
+#: Example runs of 15 s or more each on 2 cores (mostly JAX compiles, not epochs):
+#: deselected by default (pyproject's addopts), run by `pytest -m slow` (CI's second step).
+#: The default run keeps the 1D Poisson runs and custom_solver; test_examples_cli runs every
+#: example's main on a tiny stand-in problem.
 slow = pytest.mark.slow
 
 
@@ -132,6 +133,7 @@ def test_poisson_inverse_recovers_theta(adjoint, tmp_path, capsys):
     assert result["baseline"]["solver_iterations"] == 180 * 1200
 
 
+@slow
 def test_poisson_inverse_2d_field_through_cg(tmp_path, capsys):
     result = run("poisson_inverse", ["--variant", "2d"], tmp_path, capsys)
     # 36 sine coefficients, recovered from zero (relative error 1 at the start).
@@ -140,6 +142,7 @@ def test_poisson_inverse_2d_field_through_cg(tmp_path, capsys):
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
 
 
+@slow
 def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
     result = run("poisson_inverse", ["--variant", "2d", "--adjoint", "unrolled", "--epochs",
                                      "5", "--no-compare"], tmp_path, capsys)
@@ -172,6 +175,7 @@ def test_heat_emulator_linear_network_reaches_the_step(tmp_path, capsys):
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
 
 
+@slow
 def test_heat_emulator_3d_runs_prdp_only(tmp_path, capsys):
     result = run("heat_emulator", ["--dim", "3", "--epochs", "6", "--no-compare"], tmp_path,
                  capsys)

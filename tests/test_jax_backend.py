@@ -54,6 +54,11 @@ def _cases(complex_only: bool = False, one_per_solver: bool = True) -> list:
         seen.add(case.name)
         reason = _usable(case)
         marks = [pytest.mark.skip(reason=f"solver not implemented yet: {reason}")] if reason else []
+        if case.name == "gmres":
+            # GMRES's compiles are the longest of these (2-8 s each on 2 cores): the slow
+            # step runs them; the default run keeps JAX GMRES in test_jax_conventions (every
+            # dtype), test_bad_input and test_krylov_solvers.
+            marks.append(pytest.mark.slow)
         params.append(pytest.param(case, id=case.id, marks=marks))
     return params
 
