@@ -29,7 +29,7 @@ from helpers import (
 from prdp_ops.backends.numpy import run_solver, unrolled_vjp
 
 import prdp_ops as po
-from prdp_ops._array_ops import ArrayOps, NumpyOps
+from prdp_ops._array_ops import NumpyOps
 
 CASES = [c for c in SOLVER_CASES if c.name in ("bicgstab", "gmres")]
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -439,24 +439,12 @@ def test_adjoint_none_gives_zero_cotangents(case, fmt):
 
 
 # -- the same code under JAX tracing ----------------------------------------------------------
-class _TracingOps(ArrayOps):
-    """A minimal JAX flavour of ArrayOps (the real one lives in prdp_ops.backends.jax)."""
+def _tracing_ops():
+    """The JAX backend's ArrayOps, what ``pj.solve`` traces the steps with (a hand-made minimal
+    one lacked its exact complex widenings, which strict dtype promotion requires)."""
+    from prdp_ops.backends import get_ops
 
-    name = "jax"
-    eager = False
-
-    def __init__(self) -> None:
-        import jax.numpy as jnp
-
-        super().__init__(jnp)
-
-    def set_at(self, a, index, value):
-        return a.at[index].set(value)
-
-    def cond(self, pred, true_fn, false_fn, *operands):
-        import jax
-
-        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return get_ops("jax")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.complex128])
@@ -471,7 +459,7 @@ def test_same_code_runs_under_jit_and_matches_jax_autodiff(solver, dtype):
     b, x_bar = random_vector(n, dtype=dtype), random_vector(n, seed=9, dtype=dtype)
     M = _preconditioner(A)
     K = 10
-    ops = _TracingOps()
+    ops = _tracing_ops()
 
     def k_step_map(A, b):
         op, precond = po.aslinearoperator(A), po.aslinearoperator(jnp.asarray(M))
@@ -503,7 +491,7 @@ def test_degenerate_cases_give_finite_jax_gradients(solver, case):
     A = (np.diag([2.0, 3.0, 5.0, 7.0]) + (np.triu(np.ones((4, 4)), 1) if case == "zero_rhs"
                                           else 0)).astype(dtype)
     b = np.zeros(4, dtype) if case == "zero_rhs" else np.eye(4, dtype=dtype)[0]
-    ops = _TracingOps()
+    ops = _tracing_ops()
 
     def k_step_map(A, b):
         op = po.aslinearoperator(A)
