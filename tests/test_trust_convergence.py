@@ -89,7 +89,7 @@ def test_no_false_convergence_on_singular_inconsistent_systems(backend: str,
 def test_gmres_on_diag_with_zero_is_not_converged(backend: str) -> None:
     # The repro: SciPy answers info = 30 (maxiter) here.
     A, b = np.diag([2.0, 3.0, 0.0]), np.ones(3)
-    x, status, _ = _solve(backend, A, b, "gmres", rtol=1e-8)
+    _, status, _ = _solve(backend, A, b, "gmres", rtol=1e-8)
     assert status is not Status.CONVERGED
     result = po.solve(A, b, "gmres", rtol=1e-8, on_failure="ignore")
     assert result.info != 0
