@@ -111,6 +111,16 @@ class IterativeSolver(abc.ABC):
     needs_matrix: ClassVar[bool] = False
     #: Whether the solver assumes ``A`` Hermitian (CG); informational, not checked.
     requires_hermitian: ClassVar[bool] = False
+    #: Whether ``init``/``step``/``step_vjp`` also run on a block of right-hand sides, ``b``
+    #: of shape ``(n, k)`` (NumPy/CuPy). A solver sets it when every vector operation
+    #: works column by column with the columns on the last axis: inner products through
+    #: ``ops.vdot``/``ops.dot``/``ops.norm`` (which then return one value per column, shape
+    #: ``(k,)``, broadcasting against ``(n, k)``), products through ``A.matvec``/``M.matvec``
+    #: (which then apply to every column), no Python branching on array values, and every
+    #: state entry either per column (the columns on its last axis) or the same for all
+    #: columns and left unchanged by ``step``. Without it a block is solved one column at
+    #: a time.
+    supports_column_blocks: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         # A solver without an __init__ of its own takes no options: po.CG(tol=1e-8) must

@@ -37,6 +37,7 @@ class BiCGSTAB(IterativeSolver):
     """
 
     supports_preconditioner = True
+    supports_column_blocks = True
 
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
         xp = ops.xp

@@ -30,6 +30,7 @@ class CG(IterativeSolver):
     """
 
     supports_preconditioner = True
+    supports_column_blocks = True
     requires_hermitian = True
 
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:

@@ -69,6 +69,9 @@ class StationaryIteration(IterativeSolver):
         Relaxation factor, ``0 < omega`` (``< omega_upper`` where a subclass sets it).
     """
 
+    # x' = x + omega P r works column by column for P a matrix, a triangle or a diagonal
+    # (the block operator gives the diagonal as a column); P is the same for every column.
+    supports_column_blocks = True
     #: Exclusive upper bound of ``omega`` (None: unbounded).
     omega_upper: ClassVar[float | None] = None
 

@@ -41,6 +41,7 @@ class SteepestDescent(IterativeSolver):
     """
 
     supports_preconditioner = True
+    supports_column_blocks = True
     requires_hermitian = True
 
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
