@@ -99,9 +99,17 @@ def _as(kind: str, A: jax.Array) -> Any:
     return Matmul()
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
-@pytest.mark.parametrize("kind", ["matrix", "function", "matmul"])
-@pytest.mark.parametrize("precondition", [False, True])
+def _solution_cases() -> list:
+    """Every solver, operator kind and preconditioning; GMRES (the longest compiles) keeps
+    the dense matrix in the default run and the other kinds for ``pytest -m slow``."""
+    return [pytest.param(solver, kind, precondition, id=f"{precondition}-{kind}-{solver}",
+                         marks=(pytest.mark.slow,) if solver == "gmres" and kind != "matrix"
+                         else ())
+            for precondition in (False, True) for kind in ("matrix", "function", "matmul")
+            for solver in SOLVERS]
+
+
+@pytest.mark.parametrize(("solver", "kind", "precondition"), _solution_cases())
 def test_same_solution_as_jax(solver: str, kind: str, precondition: bool) -> None:
     A, b, cond = _problem(solver)
     M = jnp.diag(1.0 / jnp.diag(A)) if precondition else None
