@@ -16,6 +16,7 @@ from prdp_ops._operators.function import ScipyLinearOperator as ScipyLinearOpera
 from prdp_ops._operators.stencil import DiffusionStencil as DiffusionStencil
 from prdp_ops._operators.stencil import LaplacianStencil as LaplacianStencil
 from prdp_ops._prdp_signals import gradient_fidelity as gradient_fidelity
+from prdp_ops._solution import BlockSolveResult as BlockSolveResult
 from prdp_ops._solution import Cotangents as Cotangents
 from prdp_ops._solution import SolverError as SolverError
 from prdp_ops._solution import SolveResult as SolveResult
@@ -47,6 +48,7 @@ __all__ = [
     "GMRES",
     "SOR",
     "BiCGSTAB",
+    "BlockSolveResult",
     "Cotangents",
     "DenseOperator",
     "DiffusionStencil",

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
+import math
 from typing import Any
 
-__all__ = ["Cotangents", "SolveResult", "SolverError", "Status"]
+import numpy as np
+
+__all__ = ["BlockSolveResult", "Cotangents", "SolveResult", "SolverError", "Status"]
 
 
 class Status(enum.Enum):
@@ -203,3 +207,111 @@ class Cotangents:
 
     def __repr__(self) -> str:
         return f"Cotangents(b=<{getattr(self.b, 'shape', None)}>, A=<computed on access>)"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSolveResult:
+    """The outcome of a solve with a block of right-hand sides, ``b`` of shape ``(n, k)``.
+
+    Every column is a solve of its own (its own iterations, convergence test and status);
+    the fields hold one entry per column, as a ``jax.vmap``-ed solve's result does.
+    :meth:`column` gives column ``j`` as a :class:`SolveResult`.
+
+    Attributes
+    ----------
+    x
+        The solutions, shape ``(n, k)``.
+    converged
+        Bool array ``(k,)``: whether column ``j`` met its tolerance (confirmed on its true
+        residual).
+    iterations
+        Int array ``(k,)``: the iterations column ``j`` ran before it converged or failed.
+    residual_norms
+        Array ``(iterations.max() + 1, k)``: column ``j``'s residual norms, row 0 the initial
+        one, NaN after the column finished.
+    status
+        Tuple of ``k`` :class:`Status` values.
+    solver
+        Name of the solver that ran.
+    true_residual_norm
+        Array ``(k,)`` of ``||b_j - A x_j||`` whenever a tolerance was set (as
+        :attr:`SolveResult.true_residual_norm`), ``None`` for a fixed iteration count.
+    """
+
+    x: Any
+    converged: Any
+    iterations: Any
+    residual_norms: Any
+    status: tuple[Status, ...]
+    solver: str = ""
+    true_residual_norm: Any = None
+
+    @classmethod
+    def from_columns(cls, results: list[SolveResult], x: Any) -> BlockSolveResult:
+        """The block result of ``k`` single-column results (``x`` already stacked)."""
+        length = max((r.residual_norms.shape[0] for r in results), default=1)
+        norms = np.full((length, len(results)), np.nan)
+        for j, r in enumerate(results):
+            norms[: r.residual_norms.shape[0], j] = r.residual_norms
+        true = [r.true_residual_norm for r in results]
+        return cls(
+            x=x, converged=np.array([r.converged for r in results], dtype=bool),
+            iterations=np.array([r.iterations for r in results], dtype=np.int64),
+            residual_norms=norms, status=tuple(r.status for r in results),
+            solver=results[0].solver if results else "",
+            true_residual_norm=(None if results and all(t is None for t in true) else
+                                np.array([np.nan if t is None else t for t in true])),
+        )
+
+    @property
+    def columns(self) -> int:
+        """The number of right-hand sides ``k``."""
+        return len(self.status)
+
+    @property
+    def failed(self) -> np.ndarray:
+        """Bool array ``(k,)``: whether column ``j`` ended in a failure status."""
+        return np.array([s.is_failure for s in self.status], dtype=bool)
+
+    @property
+    def info(self) -> np.ndarray:
+        """SciPy's integer code per column (see :attr:`SolveResult.info`)."""
+        return np.array([self.column(j).info for j in range(self.columns)], dtype=np.int64)
+
+    @property
+    def residual_norm(self) -> np.ndarray:
+        """The last recorded residual norm of each column."""
+        return np.array([self._column_norms(j)[-1] for j in range(self.columns)])
+
+    @property
+    def message(self) -> str:
+        """How many columns converged, and what happened to the others, with what to try."""
+        done = int(np.sum(self.converged))
+        text = f"{self.solver or 'solver'}: {done} of {self.columns} columns converged"
+        others = [j for j in range(self.columns) if not self.converged[j]]
+        for status in dict.fromkeys(self.status[j] for j in others):
+            which = [j for j in others if self.status[j] is status]
+            shown = ", ".join(map(str, which[:8])) + (", ..." if len(which) > 8 else "")
+            text += f"; column{'s' if len(which) > 1 else ''} {shown}: {status.message}"
+        return text
+
+    def column(self, j: int) -> SolveResult:
+        """Column ``j`` as a :class:`SolveResult` (its ``x`` a view of the block's)."""
+        true = None if self.true_residual_norm is None else float(self.true_residual_norm[j])
+        return SolveResult(
+            x=self.x[:, j], converged=bool(self.converged[j]),
+            iterations=int(self.iterations[j]), residual_norms=self._column_norms(j),
+            status=self.status[j], solver=self.solver,
+            true_residual_norm=None if true is not None and math.isnan(true) else true,
+        )
+
+    def _column_norms(self, j: int) -> np.ndarray:
+        return np.asarray(self.residual_norms)[: int(self.iterations[j]) + 1, j]
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s.name}: {n}" for s, n in
+                           collections.Counter(self.status).items())
+        return (f"BlockSolveResult(columns={self.columns}, status={{{counts}}}, "
+                f"iterations={int(np.max(self.iterations, initial=0))} (max), "
+                f"solver={self.solver!r}, x=<{type(self.x).__name__} "
+                f"shape={getattr(self.x, 'shape', None)}>)")

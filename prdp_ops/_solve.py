@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from prdp_ops import _solve_block  # reads this module's helpers at call time
 from prdp_ops._array_ops import ArrayOps, ops_for
 from prdp_ops._operators.base import LinearOperator
 from prdp_ops._operators.convert import aslinearoperator
@@ -103,18 +104,37 @@ def _as_array(v: Any) -> Any:
     return v if hasattr(v, "shape") else np.asarray(v)
 
 
+def _block_columns(b: Any) -> int | None:
+    """``k`` for a block of right-hand sides ``b`` of shape ``(n, k)``, ``k != 1``; None for
+    one right-hand side (``(n,)``, or ``(n, 1)`` as in SciPy)."""
+    shape = getattr(b, "shape", ())
+    return shape[1] if len(shape) == 2 and shape[1] != 1 else None
+
+
 def _check_vector(ops: ArrayOps, v: Any, n: int, name: str, dtype: Any, *,
-                  check_finite: bool = True, copy: bool = False) -> Any:
+                  check_finite: bool = True, copy: bool = False,
+                  columns: int | None = None) -> Any:
     """``v`` as a 1-D array of ``dtype``: shape ``(n,)`` or ``(n, 1)``, finite unless
     ``check_finite`` is off (then a NaN is left to the driver, which reports it in the
-    result). ``copy=True`` returns an array the caller's ``v`` does not share."""
+    result). ``copy=True`` returns an array the caller's ``v`` does not share.
+    ``columns=k``: ``v`` belongs to a block of ``k`` right-hand sides and must be ``(n, k)``
+    (kept 2-D)."""
     shape = getattr(v, "shape", None)
-    if shape not in ((n,), (n, 1)):
+    wrong = (shape[0] != n if columns is not None and name == "b"
+             else shape != (n, columns) if columns is not None
+             else shape not in ((n,), (n, 1)))
+    if wrong and columns is not None and name != "b":
         raise ValueError(
-            f"{name} must have shape ({n},) or ({n}, 1) to match A of shape ({n}, {n}); got "
-            f"shape {shape}"
+            f"{name} must have shape ({n}, {columns}) to match b's block of {columns} "
+            f"right-hand sides; got shape {shape}"
         )
-    v = v.reshape(-1).astype(dtype, copy=copy)
+    if wrong:
+        raise ValueError(
+            f"{name} must have shape ({n},) or ({n}, 1) to match A of shape ({n}, {n}), or "
+            f"({n}, k) for a block of k right-hand sides (b too); got shape {shape}"
+        )
+    v = v.astype(dtype, copy=copy) if columns is not None else v.reshape(-1).astype(
+        dtype, copy=copy)
     if check_finite and not bool(ops.is_finite(v)):
         raise ValueError(f"{name} contains NaN or inf; pass finite values")
     return v
@@ -159,12 +179,15 @@ class _Problem:
         x0 = None if x0 is None else _as_array(x0)
         self.ops = ops_for(b, x0, *self.A.parameters().values())
         self.dtype = _solve_dtype(self.A, b, self.solver)
+        #: ``k`` for a block of right-hand sides (``b`` of shape ``(n, k)``), else None.
+        self.columns = _block_columns(b)
         self.b = _check_vector(self.ops, b, n, "b", self.dtype, check_finite=check_finite,
-                               copy=True)
+                               copy=True, columns=self.columns)
         self.b_shape = tuple(b.shape)
-        self.x0 = (self.ops.xp.zeros(n, dtype=self.dtype) if x0 is None
+        self.x0 = (self.ops.xp.zeros(self.b.shape, dtype=self.dtype) if x0 is None
                    else _check_vector(self.ops, x0, n, "x0", self.dtype,
-                                      check_finite=check_finite, copy=True))
+                                      check_finite=check_finite, copy=True,
+                                      columns=self.columns))
         # The default initial guess (zeros) gets a cotangent shaped like the solution.
         self.x0_shape = self.b_shape if x0 is None else tuple(x0.shape)
         # Read once (a device-to-host sync on GPUs): the tolerance and the x = 0 rule use it.
@@ -189,8 +212,9 @@ class _Problem:
     def solved_by_zero(self) -> bool:
         """Whether ``x = 0`` is returned without iterating: ``n = 0`` (the empty vector
         solves the empty system) or, as in SciPy, ``b = 0`` with a tolerance (``x = 0``
-        solves ``A x = 0`` exactly, whatever ``x0`` was). ``x`` then depends on nothing,
-        so every cotangent is zero."""
+        solves ``A x = 0`` exactly, whatever ``x0`` was). No iteration ran, so the unrolled
+        cotangents are zero; the implicit ones are the implicit function theorem's, as for
+        any other ``b``."""
         if self.A.shape[0] == 0:
             return True
         return self.bnorm == 0.0 and (self.rtol > 0 or self.atol > 0)
@@ -293,6 +317,8 @@ def solve(
     callback = _check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
+    if problem.columns is not None:
+        return _solve_block.solve(problem, callback)
     return problem.user_result(problem.run(callback=callback).result, copy=False)
 
 
@@ -361,6 +387,10 @@ def solve_vjp(
     if adjoint == "implicit":  # checked before the forward solve runs
         adjoint_problem = _adjoint_problem(problem, adjoint_solver, adjoint_maxiter,
                                            adjoint_rtol, adjoint_atol)
+    if problem.columns is not None:
+        return _solve_block.solve_vjp(problem, adjoint,
+                                      adjoint_problem if adjoint == "implicit" else None,
+                                      callback)
     run = problem.run(keep_tape=adjoint == "unrolled", callback=callback)
     result = problem.user_result(run.result, copy=True)  # run.result.x stays the solve's
     if adjoint == "none":
@@ -445,8 +475,11 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
 
     def vjp(x_bar: Any, *, adjoint_x0: Any = None) -> Cotangents:
         x_bar = _check_cotangent(problem, x_bar)
-        if problem.solved_by_zero:
+        if problem.A.shape[0] == 0:
             return _zero_vjp(problem)(x_bar)
+        # b = 0 (solved by x = 0 without iterating) is no exception: the implicit function
+        # theorem still gives b_bar = A^-T x_bar there (and A_bar = -lambda x^T = 0), as on
+        # the native JAX path; only the iterations' own derivative (unrolled) is zero.
         # The max-norm: the 2-norm itself would underflow for a cotangent of size 1e-300.
         scale = ops.to_float(xp.max(xp.abs(x_bar)))
         if scale == 0.0:

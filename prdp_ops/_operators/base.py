@@ -96,6 +96,14 @@ class LinearOperator(abc.ABC):
         xp = ops_for(X).xp
         return xp.stack([self._matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
 
+    def _rmatmat(self, Y: Any) -> Any:
+        """Return ``A^H @ Y`` for ``Y`` of shape ``(m, k)``; a column at a time unless
+        overridden (a block of right-hand sides applies it at every adjoint iteration)."""
+        if self.hermitian:
+            return self._matmat(Y)
+        xp = ops_for(Y).xp
+        return xp.stack([self._rmatvec(Y[:, j]) for j in range(Y.shape[1])], axis=1)
+
     # -- public SciPy-style interface -------------------------------------------------
     @property
     def ndim(self) -> int:
@@ -130,7 +138,12 @@ class LinearOperator(abc.ABC):
 
     def rmatmat(self, Y: Any) -> Any:
         """Return ``A^H @ Y`` for a 2-D ``Y`` of shape ``(m, k)``."""
-        return self.H.matmat(Y)
+        if getattr(Y, "ndim", None) != 2 or Y.shape[0] != self.shape[0]:
+            raise ValueError(
+                f"Y must be a 2-D array with {self.shape[0]} rows for an operator of shape "
+                f"{self.shape}; got shape {getattr(Y, 'shape', None)}"
+            )
+        return self._rmatmat(np.asarray(Y) if isinstance(Y, np.matrix) else Y)
 
     @property
     def T(self) -> LinearOperator:
@@ -339,6 +352,12 @@ class _SumOperator(LinearOperator):
     def _rmatvec(self, y: Any) -> Any:
         return self.args[0]._rmatvec(y) + self.args[1]._rmatvec(y)
 
+    def _matmat(self, X: Any) -> Any:
+        return self.args[0]._matmat(X) + self.args[1]._matmat(X)
+
+    def _rmatmat(self, Y: Any) -> Any:
+        return self.args[0]._rmatmat(Y) + self.args[1]._rmatmat(Y)
+
     def diagonal(self) -> Any:
         return self.args[0].diagonal() + self.args[1].diagonal()
 
@@ -376,11 +395,20 @@ class _ScaledOperator(LinearOperator):
         return self.alpha * self.A._matvec(x)
 
     def _rmatvec(self, y: Any) -> Any:
+        return self._conj_alpha() * self.A._rmatvec(y)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.alpha * self.A._matmat(X)
+
+    def _rmatmat(self, Y: Any) -> Any:
+        return self._conj_alpha() * self.A._rmatmat(Y)
+
+    def _conj_alpha(self) -> Any:
         # A Python/NumPy number is conjugated by NumPy (cupy ufuncs refuse Python scalars);
         # a 0-d array by its own backend, which keeps a traced JAX scalar traced.
         alpha = self.alpha
         conj = np.conj if isinstance(alpha, numbers.Number) else ops_for(alpha).xp.conj
-        return conj(alpha) * self.A._rmatvec(y)
+        return conj(alpha)
 
     def diagonal(self) -> Any:
         return self.alpha * self.A.diagonal()
@@ -418,6 +446,12 @@ class _ProductOperator(LinearOperator):
 
     def _rmatvec(self, y: Any) -> Any:
         return self.args[1]._rmatvec(self.args[0]._rmatvec(y))
+
+    def _matmat(self, X: Any) -> Any:
+        return self.args[0]._matmat(self.args[1]._matmat(X))
+
+    def _rmatmat(self, Y: Any) -> Any:
+        return self.args[1]._rmatmat(self.args[0]._rmatmat(Y))
 
     def to_matrix(self) -> Any:
         return _no_np_matrix(self.args[0].to_matrix() @ self.args[1].to_matrix())
@@ -473,6 +507,18 @@ class _TransposedOperator(LinearOperator):
         xp = ops_for(y).xp
         return xp.conj(self.A._matvec(xp.conj(y)))
 
+    def _matmat(self, X: Any) -> Any:
+        if self._is_real():
+            return self.A._rmatmat(X)
+        xp = ops_for(X).xp
+        return xp.conj(self.A._rmatmat(xp.conj(X)))
+
+    def _rmatmat(self, Y: Any) -> Any:
+        if self._is_real():
+            return self.A._matmat(Y)
+        xp = ops_for(Y).xp
+        return xp.conj(self.A._matmat(xp.conj(Y)))
+
     @property
     def T(self) -> LinearOperator:
         return self.A
@@ -514,6 +560,12 @@ class _AdjointOperator(LinearOperator):
 
     def _rmatvec(self, y: Any) -> Any:
         return self.A._matvec(y)
+
+    def _matmat(self, X: Any) -> Any:
+        return self.A._rmatmat(X)
+
+    def _rmatmat(self, Y: Any) -> Any:
+        return self.A._matmat(Y)
 
     @property
     def H(self) -> LinearOperator:

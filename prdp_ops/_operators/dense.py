@@ -88,6 +88,12 @@ class DenseOperator(LinearOperator):
     def _matmat(self, X: Any) -> Any:
         return self.matrix @ X
 
+    def _rmatmat(self, Y: Any) -> Any:
+        if _is_complex(self.dtype):
+            xp = ops_for(Y).xp
+            return xp.conj(xp.conj(Y).T @ self.matrix).T
+        return (Y.T @ self.matrix).T
+
     def diagonal(self) -> Any:
         return ops_for(self.matrix).xp.diagonal(self.matrix)
 
@@ -148,6 +154,10 @@ class SparseOperator(LinearOperator):
         if _is_complex(self.dtype):
             return xp.conj(self._transposed() @ xp.conj(y))
         return self._transposed() @ y
+
+    # scipy.sparse (and cupyx, BCOO) multiply a matrix by a block of columns in one pass.
+    _matmat = _matvec
+    _rmatmat = _rmatvec
 
     def _transposed(self) -> Any:
         """``A^T`` in CSR form, built once: adjoint solves apply it at every iteration."""

@@ -120,3 +120,13 @@ class ScipyLinearOperator(LinearOperator):
             return np.asarray(self.op.rmatvec(y)).reshape(-1)
         except NotImplementedError:
             return super()._rmatvec(y)
+
+    def _matmat(self, X: Any) -> Any:
+        # SciPy's own matmat: one call for a block (its _matmat if the operator has one).
+        return np.asarray(self.op.matmat(X))
+
+    def _rmatmat(self, Y: Any) -> Any:
+        try:
+            return np.asarray(self.op.rmatmat(Y))
+        except NotImplementedError:
+            return super()._rmatmat(Y)
