@@ -20,9 +20,11 @@ The controller's default rule (``rule="fidelity"``) also reads the *gradient fid
 the Trainer offers ``gradient`` (the loss gradient on a validation batch at given counts),
 :func:`train` compares it at ``k`` with the one at ``k' = min(2k, k_max)`` after an epoch and
 passes :func:`prdp_ops.gradient_fidelity` of the two to ``update``. The two extra gradients are
-solver work, counted in PRDP's iterations. They are measured at the first check at new counts
-(one measurement per refinement, so a few per run), and again at the same counts only while
-the signal's cumulative cost stays within :data:`SIGNAL_BUDGET` (20%) of the training's.
+solver work, counted in PRDP's iterations. They are measured only when the controller asks
+(``PRDPController.wants_fidelity``: at the first check at new counts, and where the rule's
+extrapolation of the last measurement comes within a factor 2 of its tolerance), and again at
+the same counts only while the signal's cumulative cost stays within :data:`SIGNAL_BUDGET`
+(20%) of the training's.
 ``--rule plateau`` runs the paper's rule instead (loss only, no extra gradients).
 
 ``--sweep`` trains fixed-``K`` runs over a grid of counts and PRDP in one process (the paper's
@@ -342,9 +344,9 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
 
     The progress lines (stderr) show the controller's decision; a schedule with ``decides =
     False`` (the baseline) makes none, and its lines show none. A controller with
-    ``rule="fidelity"`` gets the gradient fidelity (when the trainer offers ``gradient``),
-    measured after the first epoch at new counts, and after later epochs at the same counts
-    whenever the signal's cumulative cost, counted in the run's iterations, stays within
+    ``rule="fidelity"`` gets the gradient fidelity (when the trainer offers ``gradient``)
+    after the epochs at which it asks for one (``wants_fidelity``), at the same counts again
+    only while the signal's cumulative cost, counted in the run's iterations, stays within
     :data:`SIGNAL_BUDGET` of the training's.
     """
     decides = getattr(schedule, "decides", True)
@@ -368,9 +370,11 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
             ka_ref = _reference_count(k_adjoint, caps[1])
             cost = trainer.gradient_iterations(k, k_adjoint) + trainer.gradient_iterations(
                 k_ref, ka_ref)
-            # First check at new counts: always measure (one measurement per refinement, a
-            # few per run); again at the same counts while the budget allows.
-            if (k_ref, ka_ref) != (k, k_adjoint) and (
+            # Only when the rule asks (the first check at new counts, and where the
+            # extrapolated fidelity nears the tolerance); again at the same counts only while
+            # the budget allows.
+            asked = getattr(schedule, "wants_fidelity", True)
+            if asked and (k_ref, ka_ref) != (k, k_adjoint) and (
                     measured_at != (k, k_adjoint) or signal + cost <= SIGNAL_BUDGET * training):
                 fidelity, cost = measure_fidelity(trainer, state, k, k_adjoint, *caps)
                 signal += cost

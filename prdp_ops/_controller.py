@@ -168,6 +168,7 @@ from prdp_ops._controller_rule import (
     init_state,
     make_hyperparameters,
     update,
+    wants_fidelity,
 )
 from prdp_ops._controller_state import encode_state, parse_state
 
@@ -362,6 +363,18 @@ class PRDPController:
         """The gradient fidelity last given at the current counts (``None`` since a
         refinement or before any)."""
         return self._state.fidelity
+
+    @property
+    def wants_fidelity(self) -> bool:
+        """Whether the rule asks for a fidelity measurement at the next check.
+
+        ``True`` at the first check at new counts and while the extrapolated fidelity is
+        within a factor 2 of the tolerance (where a measurement can change the decision);
+        ``False`` otherwise, at both caps and under ``rule="plateau"``. A measurement costs
+        solver work (two gradients), so a training loop measures only when asked; giving one
+        when not asked is allowed and used.
+        """
+        return wants_fidelity(self._hp, self._state)
 
     def update(self, loss: Any, residual: Any = None, fidelity: Any = None) -> Decision:
         """Record one check and decide the iteration counts until the next one.

@@ -17,6 +17,8 @@ import math
 import numbers
 from typing import Any, Literal, NamedTuple
 
+from prdp_ops._controller_fidelity import jump_factor, predicted_fidelity, tolerance
+
 __all__ = [
     "DECISION_OF",
     "REASONS",
@@ -34,7 +36,9 @@ __all__ = [
     "init_state",
     "make_hyperparameters",
     "next_count",
+    "predicted_fidelity",
     "update",
+    "wants_fidelity",
 ]
 
 Decision = Literal["refine", "hold", "stop"]
@@ -292,7 +296,9 @@ class ControllerState(NamedTuple):
     ``min(checks, lookback)`` moving averages, oldest first. ``fidelity`` is the last gradient
     fidelity measured at the current counts (``None`` when none was given since the last
     refinement); ``signal_seen`` whether any was ever given; ``first_ema`` the first check's
-    average, the scale of the fidelity tolerance (rule ``"fidelity"`` only).
+    average, the scale of the fidelity tolerance; ``fidelity_ema`` the average of the check
+    at which ``fidelity`` was given, from which the rule extrapolates it (rule ``"fidelity"``
+    only).
     """
 
     checks: int
@@ -305,6 +311,7 @@ class ControllerState(NamedTuple):
     fidelity: float | None = None
     signal_seen: bool = False
     first_ema: float | None = None
+    fidelity_ema: float | None = None
 
 
 class CheckRecord(NamedTuple):
@@ -352,12 +359,36 @@ def growth_steps(count: int, step: int, growth: float) -> int:
     return max(1, round((growth - 1.0) * count / step))
 
 
-def next_count(hp: Hyperparameters, count: int, step: int, cap: int | None) -> int:
+def next_count(hp: Hyperparameters, count: int, step: int, cap: int | None,
+               factor: float | None = None) -> int:
     """The count after one refinement: ``count + step`` for the paper's rule; for the fidelity
-    rule ``count + step * growth_steps(count, step, growth)`` (geometric growth); capped."""
+    rule ``count + step * growth_steps(count, step, factor)`` (geometric growth by ``factor``,
+    ``growth`` when ``None``); capped."""
     if hp.rule == "fidelity":
-        step = step * growth_steps(count, step, hp.growth)
+        step = step * growth_steps(count, step, hp.growth if factor is None else factor)
     return advance(count, step, cap)
+
+
+def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
+    """Whether the next check should bring a new fidelity measurement (rule ``"fidelity"``).
+
+    A measurement costs solver work (two gradients, at ``k`` and ``k'``), so the rule asks for
+    one only where it can change a decision: at the first check at new counts (none is known),
+    and when the extrapolated fidelity at the last check came within a factor 2 of the
+    tolerance (the next check's decision could flip). Never at both caps, and never under the
+    paper's rule.
+    """
+    if hp.rule != "fidelity" or (
+            state.k == next_count(hp, state.k, hp.k_step, hp.k_max)
+            and state.k_adjoint == next_count(hp, state.k_adjoint, hp.k_adjoint_step,
+                                              hp.k_adjoint_max)):
+        return False
+    if state.fidelity is None or not state.recent_emas:
+        return True
+    ema = state.recent_emas[-1]
+    first = ema if state.first_ema is None else state.first_ema
+    predicted = predicted_fidelity(state.fidelity, state.fidelity_ema, ema)
+    return predicted > 0.5 * tolerance(hp, ema, first)
 
 
 def _ratio(now: float, past: float) -> float:
@@ -404,35 +435,31 @@ def update(
         residual <= hp.residual_tol
     )
     plateau = state.checks >= hp.lookback and _ratio(ema, recent[0]) > hp.tau_step
-    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first = state
+    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first, measured = state
     first = ema if first is None else first
     if hp.rule == "fidelity" and fidelity is not None:
-        current, seen = fidelity, True
+        current, seen, measured = fidelity, True, ema
+    factor = None
     if hp.rule == "plateau":
         reason = _reason(hp, state, ema, plateau, converged)
     else:
-        reason = _reason_fidelity(hp, state, plateau, converged, current, seen,
-                                  tolerance(hp, ema, first))
+        tol = tolerance(hp, ema, first)
+        predicted = None if current is None else predicted_fidelity(current, measured, ema)
+        reason = _reason_fidelity(hp, state, plateau, converged, predicted, seen, tol)
+        if reason == "fidelity":
+            factor = jump_factor(hp, predicted, tol)
     # Positional construction: this runs once per check, and keywords cost a third of it.
     record = CheckRecord(loss, ema, k, k_adjoint, reason, plateau, checkpoint, residual,
                          converged)
     if reason in REFINE_REASONS:
-        k = next_count(hp, k, hp.k_step, hp.k_max)
-        k_adjoint = next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max)
+        k = next_count(hp, k, hp.k_step, hp.k_max, factor)
+        k_adjoint = next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max, factor)
         # A fidelity measured at the old counts says nothing about the new ones.
-        checkpoint, stopped, current = ema, False, None
+        checkpoint, stopped, current, measured = ema, False, None, None
     elif reason == "no gain":
         stopped = True
     return ControllerState(checks + 1, recent, k, k_adjoint, checkpoint, stopped,
-                           converged, current, seen, first), record
-
-
-def tolerance(hp: Hyperparameters, ema: float, first_ema: float) -> float:
-    """The fidelity rule's tolerance at a check: ``fidelity_tol * min(1, ema / first_ema) **
-    fidelity_power`` (``fidelity_tol`` when ``first_ema`` is 0 or the power is 0)."""
-    if hp.fidelity_power == 0 or first_ema <= 0:
-        return hp.fidelity_tol
-    return hp.fidelity_tol * min(1.0, ema / first_ema) ** hp.fidelity_power
+                           converged, current, seen, first, measured), record
 
 
 def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str | None:
@@ -450,7 +477,16 @@ def _reason_fidelity(
     hp: Hyperparameters, state: ControllerState, plateau: bool, converged: bool,
     fidelity: float | None, seen: bool, tol: float,
 ) -> str:
-    """The fidelity rule's reason, from the state before the check (pure)."""
+    """The fidelity rule's reason, from the state before the check (pure).
+
+    ``fidelity`` is the (extrapolated) fidelity at the current counts, or ``None``. A measured
+    fidelity decides from the first check: only the loss-only fallback, which tests plateaus,
+    needs the warm-up's ``lookback`` averages.
+    """
+    if fidelity is not None:
+        if fidelity <= tol:
+            return "fidelity ok"
+        return _held(hp, state, converged) or "fidelity"
     if state.checks < hp.lookback:
         return "warm-up"
     if not seen:
@@ -459,11 +495,7 @@ def _reason_fidelity(
         if not plateau:
             return "no plateau"
         return _held(hp, state, converged) or "plateau"
-    if fidelity is None:
-        return "awaiting signal"
-    if fidelity <= tol:
-        return "fidelity ok"
-    return _held(hp, state, converged) or "fidelity"
+    return "awaiting signal"
 
 
 def _reason(

@@ -1,6 +1,6 @@
 """Saving and restoring a :class:`~prdp_ops.PRDPController`: ``state_dict`` and its parser.
 
-A state (format ``"prdp_ops.PRDPController"``, version 3) is a dict of JSON-serialisable plain
+A state (format ``"prdp_ops.PRDPController"``, version 4) is a dict of JSON-serialisable plain
 values in two parts:
 
 - the **resume state**, O(1) in the number of checks and enough to continue exactly:
@@ -8,7 +8,9 @@ values in two parts:
   last ``min(checks, lookback)`` averages), ``k``, ``k_adjoint``, ``checkpoint`` (``None``
   before the first refinement, as JSON has no infinity), ``stopped``, ``solver_converged``,
   ``fidelity`` (the gradient fidelity given at the current counts, or ``None``) and
-  ``signal_seen`` (whether any was ever given);
+  ``signal_seen`` (whether any was ever given), ``first_ema`` (the first check's average) and
+  ``fidelity_ema`` (the average at the check that gave ``fidelity``: ``None`` exactly when
+  ``fidelity`` is; new in version 4, and read from a version-3 state as the last average);
 - the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
   columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 50 bytes of JSON
   per check kept (at most ``history_limit`` of them).
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from prdp_ops._controller_columns import ColumnError, as_list, decode_json, describe
+from prdp_ops._controller_fidelity import MAX_GROWTH_POWER
 from prdp_ops._controller_history import ROW_KEYS, History, converged, run_lengths
 from prdp_ops._controller_rule import (
     DECISION_OF,
@@ -48,13 +51,14 @@ from prdp_ops._controller_rule import (
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "encode_state", "parse_state"]
 
 STATE_FORMAT = "prdp_ops.PRDPController"
-STATE_VERSION = 3
-_READABLE_VERSIONS = (1, 2, 3)
+STATE_VERSION = 4
+_READABLE_VERSIONS = (1, 2, 3, 4)
 _STATE_KEYS_V2 = frozenset(
     {"format", "version", "hyperparameters", "checks", "recent_emas", "k", "k_adjoint",
      "checkpoint", "stopped", "solver_converged", "history"}
 )
-_STATE_KEYS = _STATE_KEYS_V2 | {"fidelity", "signal_seen", "first_ema"}
+_STATE_KEYS_V3 = _STATE_KEYS_V2 | {"fidelity", "signal_seen", "first_ema"}
+_STATE_KEYS = _STATE_KEYS_V3 | {"fidelity_ema"}
 # What a state saved before the rule was a setting (versions 1 and 2) was run with.
 _PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY_TOL,
                              "growth": DEFAULT_GROWTH,
@@ -80,7 +84,7 @@ _FIX_HISTORY = ("The saved history is corrupt: set state['history'] = None to re
 def encode_state(
     hyperparameters: Mapping[str, Any], state: ControllerState, history: History | None
 ) -> dict[str, Any]:
-    """The version-2 state dict of ``state`` and, unless ``None``, ``history``."""
+    """The version-4 state dict of ``state`` and, unless ``None``, ``history``."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -95,6 +99,7 @@ def encode_state(
         "fidelity": state.fidelity,
         "signal_seen": state.signal_seen,
         "first_ema": state.first_ema,
+        "fidelity_ema": state.fidelity_ema,
         "history": None if history is None else history.to_json(),
     }
 
@@ -182,8 +187,9 @@ def parse_state(
         raise TypeError("PRDPController.load_state_dict: state must be a dict from "
                         f"state_dict(); received {type(saved).__name__}.")
     keys = set(saved)
-    old = type(saved.get("version")) is int and saved["version"] in (1, 2)
-    expected_keys = _STATE_KEYS_V2 if old else _STATE_KEYS
+    saved_version = saved.get("version") if type(saved.get("version")) is int else None
+    expected_keys = (_STATE_KEYS_V2 if saved_version in (1, 2)
+                     else _STATE_KEYS_V3 if saved_version == 3 else _STATE_KEYS)
     if keys != expected_keys:
         missing, unknown = sorted(expected_keys - keys), sorted(map(str, keys - expected_keys))
         raise _error("state", f"is not a PRDPController state (missing keys {missing}, "
@@ -218,7 +224,7 @@ def parse_state(
         if not isinstance(saved[name], bool):
             raise _error(f"state[{name!r}]", f"must be True or False; {_received(saved[name])}")
         flags[name] = saved[name]
-    fidelity, signal_seen, first_ema = None, False, None
+    fidelity, signal_seen, first_ema, fidelity_ema = None, False, None, None
     if version >= 3:
         # None before the first check; also later in a state resumed from version 1 or 2
         # (rule "plateau", which does not read it).
@@ -236,9 +242,19 @@ def parse_state(
             if not signal_seen:
                 raise _error("state['fidelity']", f"= {fidelity!r} contradicts signal_seen = "
                                                   "False (a fidelity was given).")
+    if version >= 4 and (saved["fidelity_ema"] is None) != (fidelity is None):
+        raise _error("state['fidelity_ema']", f"= {saved['fidelity_ema']!r} contradicts "
+                     f"fidelity = {fidelity!r} (None exactly when fidelity is None).")
+    if version >= 4 and fidelity is not None:
+        fidelity_ema = _number("state['fidelity_ema']", saved["fidelity_ema"])
+    elif fidelity is not None:
+        # Version 3 did not record it: the last average (exact where the fidelity was given
+        # at the last check, which is where the harness of the examples measured it).
+        fidelity_ema = recent_emas[-1] if recent_emas else None
     state = ControllerState(checks=checks, recent_emas=recent_emas, k=k, k_adjoint=k_adjoint,
                             checkpoint=checkpoint, **flags, fidelity=fidelity,
-                            signal_seen=signal_seen, first_ema=first_ema)
+                            signal_seen=signal_seen, first_ema=first_ema,
+                            fidelity_ema=fidelity_ema)
     return state, _parse_history(saved["history"], version, hp, history_limit, state)
 
 
@@ -330,9 +346,22 @@ def _check_history(
     allowed = _RULE_REASONS[hp.rule]
     check(~np.isin(reason, [REASON_CODE[name] for name in allowed]), "reason",
           lambda i: f"reason {reason_at(i)!r} is not one of rule {hp.rule!r}'s: {list(allowed)}.")
-    check((reason == REASON_CODE["warm-up"]) != (first + np.arange(length) < hp.lookback), "reason",
-          lambda i: f"reason {reason_at(i)!r} contradicts the warm-up, which is exactly the "
-                    f"first lookback = {hp.lookback} checks.")
+    early = first + np.arange(length) < hp.lookback
+    warm_up = reason == REASON_CODE["warm-up"]
+    if hp.rule == "fidelity":
+        # A measured fidelity decides from the first check; the warm-up holds only the
+        # loss-only fallback, so within the first lookback checks a check is either warm-up
+        # or decided on a fidelity.
+        decided = np.isin(reason, [REASON_CODE[name] for name in (
+            "fidelity", "fidelity ok", "at k_max", "solver converged")])
+        check((warm_up & ~early) | (early & ~warm_up & ~decided), "reason",
+              lambda i: f"reason {reason_at(i)!r} contradicts the warm-up: the first lookback "
+                        f"= {hp.lookback} checks are warm-up or decided on a fidelity, and "
+                        f"no later one is warm-up.")
+    else:
+        check(warm_up != early, "reason",
+              lambda i: f"reason {reason_at(i)!r} contradicts the warm-up, which is exactly "
+                        f"the first lookback = {hp.lookback} checks.")
     # Under rule="fidelity" a held refinement ("at k_max", "solver converged") may be due to
     # the fidelity signal, without a plateau; only the loss-only "plateau" refinement needs one.
     plateau_reasons = _PLATEAU_REASONS if hp.rule == "plateau" else ("plateau",)
@@ -352,14 +381,25 @@ def _check_history(
         counts = np.frombuffer(columns[name], dtype=np.int64)
         check(counts < minimum, name, lambda i, name=name, counts=counts, minimum=minimum: (
             f"{name} = {counts[i]} is below its minimum {minimum}."))
-        if hp.rule == "fidelity":  # geometric growth on the k_min + j * step grid
-            steps = np.maximum(1, np.round((hp.growth - 1.0) * counts / step)).astype(np.int64)
-            grown = counts + step * steps
-        else:
-            grown = counts + step
-        stepped = grown if cap is None else np.minimum(grown, cap)
-        after = np.where(refine, stepped, counts)
         following = np.append(counts[1:], now)
+        if hp.rule == "fidelity":
+            # Geometric growth on the k_min + j * step grid, by a factor between growth and
+            # growth ** MAX_GROWTH_POWER (the jump sized from the contraction estimate): the
+            # next count must lie in that range (capped) and on the grid, or be the cap.
+            def grow(factor: float, counts: np.ndarray = counts, step: int = step) -> np.ndarray:
+                steps = np.maximum(1, np.round((factor - 1.0) * counts / step))
+                return counts + step * steps.astype(np.int64)
+
+            low, high = grow(hp.growth), grow(hp.growth**MAX_GROWTH_POWER)
+            if cap is not None:
+                low, high = np.minimum(low, cap), np.minimum(high, cap)
+            on_grid = ((following - minimum) % step == 0) | (following == cap)
+            fits = (following >= low) & (following <= high) & on_grid
+            stepped = low
+            after = np.where(refine & fits, following, np.where(refine, low, counts))
+        else:
+            stepped = counts + step if cap is None else np.minimum(counts + step, cap)
+            after = np.where(refine, stepped, counts)
         check(after != following, name,
               lambda i, name=name, counts=counts, after=after, following=following: (
                   f"{name} = {counts[i]} with decision {DECISION_OF[reason_at(i)]!r} leaves "

@@ -38,23 +38,73 @@ def test_default_rule_is_fidelity_with_one_setting():
 
 def test_refines_above_tolerance_geometrically_on_the_grid():
     controller = po.PRDPController(k_min=3, k_step=2, k_max=40, lookback=2)
-    for _ in range(2):  # warm-up: no decision in the first lookback checks
-        assert controller.update(1.0, fidelity=0.9) == "hold"
     ks = []
+    # A measured fidelity decides from the first check: the warm-up holds only the loss-only
+    # fallback, which needs lookback averages to test a plateau.
     for _ in range(4):
-        assert controller.update(1.0, fidelity=0.9) == "refine"
+        assert controller.update(1.0, fidelity=0.3) == "refine"
         ks.append(controller.k)
         assert controller.fidelity is None  # measured at the old count: dropped
-    # k + 2 * max(1, round(k / 2)): 3 -> 7 -> 15 -> 31 -> 40 (the cap), on the 3 + 2j grid
+    # 0.3 < sqrt(0.1): the contraction estimate ln(0.1) / ln(0.3) = 1.91 asks for less than
+    # the growth factor, so k + 2 * max(1, round(k / 2)): 3 -> 7 -> 15 -> 31 -> 40 (the cap),
+    # on the 3 + 2j grid.
     assert ks == [7, 15, 31, 40]
     assert controller.update(1.0, fidelity=0.9) == "hold"
     assert controller.history[-1]["reason"] == "at k_max"
+    assert not controller.wants_fidelity  # nothing a measurement could change at the cap
+
+
+def test_jump_is_sized_from_the_contraction_estimate():
+    """delta_k ~ rho^k: one measurement gives k* = k ln(tol) / ln(delta_k), the jump's factor
+    k* / k lies between growth and growth ** 3."""
+    controller = po.PRDPController(k_min=10, k_max=10_000, lookback=2, use_ema=False,
+                                   fidelity_power=0)
+    assert controller.update(1.0, fidelity=0.5) == "refine"
+    # ln(0.1) / ln(0.5) = 3.32: 10 + round(2.32 * 10) = 33
+    assert controller.k == 33
+    assert controller.update(1.0, fidelity=0.99) == "refine"
+    # ln(0.1) / ln(0.99) = 229 > 8 = growth ** 3: 33 + round(7 * 33) = 264
+    assert controller.k == 264
+    assert controller.update(1.0, fidelity=2.0) == "refine"  # delta >= 1: the largest jump
+    assert controller.k == 264 * 8
+    assert controller.update(1.0, fidelity=0.11) == "refine"  # just above: at least growth
+    assert controller.k == 264 * 16
+
+
+def test_fidelity_is_extrapolated_as_the_metric_falls():
+    """The physics' displacement of the optimum stays while k does; its share of the error
+    grows as the metric falls: delta_n = delta_m * max(1, e_m / e_n), no new measurement."""
+    controller = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0)
+    assert controller.update(1.0, fidelity=0.05) == "hold"
+    assert controller.update(0.5) == "hold"     # 0.05 * 2 = 0.1 <= 0.1
+    assert controller.history[-1]["reason"] == "fidelity ok"
+    assert controller.update(0.49) == "refine"  # 0.05 / 0.49 = 0.102 > 0.1
+    # A rising metric does not lower the measured value.
+    rising = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0)
+    assert rising.update(1.0, fidelity=0.11) == "refine"
+    assert rising.update(1.0, fidelity=0.09) == "hold"
+    # 0.09 at 4.0 (not 0.09 / 4), and 0.09 / 0.85 = 0.106 > 0.1 once it falls below 0.9.
+    assert rising.update(4.0) == "hold" and rising.update(0.85) == "refine"
+
+
+def test_measurements_are_asked_for_only_where_they_can_change_a_decision():
+    controller = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0)
+    assert controller.wants_fidelity  # nothing known at the first counts
+    controller.update(1.0, fidelity=0.04)
+    assert not controller.wants_fidelity  # 0.04 <= 0.1 / 2
+    controller.update(0.8)
+    assert not controller.wants_fidelity  # 0.04 / 0.8 = 0.05: not above 0.1 / 2
+    controller.update(0.7)
+    assert controller.wants_fidelity  # 0.04 / 0.7 = 0.057: within a factor 2 of 0.1
+    controller.update(0.7, fidelity=0.2)  # refines: nothing known at the new counts
+    assert controller.k == 2 and controller.wants_fidelity
+    assert not po.PRDPController(rule="plateau").wants_fidelity
 
 
 def test_holds_at_or_below_tolerance_and_waits_after_refining():
     controller = po.PRDPController(lookback=2, fidelity_tol=0.25, fidelity_power=0)
-    got = [controller.update(1.0, fidelity=f) for f in (0.5, 0.5, 0.25, 0.26)]
-    assert got == ["hold", "hold", "hold", "refine"]
+    got = [controller.update(1.0, fidelity=f) for f in (0.25, 0.25, 0.26)]
+    assert got == ["hold", "hold", "refine"]
     # No new measurement at the new count: hold, whatever the loss does (no "stop" either).
     got = [controller.update(loss) for loss in (1.0, 1.0, 5.0, 5.0)]
     assert got == ["hold"] * 4

@@ -188,7 +188,7 @@ def _old_state(state, version, history):
     hyper = {name: value for name, value in state["hyperparameters"].items()
              if name not in dropped}
     old = {key: value for key, value in state.items()
-           if key not in ("fidelity", "signal_seen", "first_ema")}
+           if key not in ("fidelity", "signal_seen", "first_ema", "fidelity_ema")}
     return {**old, "version": version, "hyperparameters": hyper, "history": history}
 
 
