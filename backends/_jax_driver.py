@@ -54,6 +54,15 @@ class Tape:
     capacity: int
     keys: tuple[str, ...]
     every: int = 1
+    #: The shapes of one step's ``solver.record`` when the reverse sweep runs the solver's
+    #: own ``step_vjp`` (:mod:`._jax_unrolled`): with ``every == 1`` the tape then holds one
+    #: record per step instead of the state before it. ``None``: states, ``jax.vjp`` of step.
+    record_avals: Any = None
+
+    @property
+    def records(self) -> bool:
+        """Whether the forward loop writes one record per step (not states)."""
+        return self.record_avals is not None and self.every == 1
 
     @property
     def slots(self) -> int:
@@ -183,9 +192,14 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
     if history_size is not None:
         history = jnp.full((history_size + 1,), jnp.nan, real).at[0].set(r0)
     buffers = None
-    if tape is not None:
+    records = tape is not None and tape.records
+    if records:
+        buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((tape.slots, *a.shape), a.dtype),
+                                         tape.record_avals)
+    elif tape is not None:
         buffers = {k: jnp.zeros((tape.slots, *jnp.shape(state[k])), jnp.result_type(state[k]))
                    for k in tape.keys}
+    if tape is not None:
         limit = jnp.minimum(maxiter, tape.capacity)
     else:
         limit = maxiter
@@ -203,10 +217,16 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
 
     def step(c: _Carry) -> _Carry:
         buffers = c.buffers
-        if buffers is not None:
+        if buffers is not None and not records:
             buffers = _push(buffers, c.state, c.accepted, tape)
         new_state = checked_step(solver, ops, materialized(A, c.iterations), b, c.state,
                                  materialized(M, c.iterations))
+        if records:
+            # Row ``accepted`` of the tape: what the reverse of this step reads (a failed
+            # step's row is never read: the loop ends and ``accepted`` does not count it).
+            record = solver.record(ops, A, b, M, c.state, new_state)
+            buffers = jax.tree_util.tree_map(lambda buf, v: buf.at[c.accepted].set(v),
+                                             buffers, record)
         rnorm = solver.residual_norm(ops, new_state)
         failure = jnp.where(~jnp.isfinite(rnorm), NONFINITE,
                             jnp.where(solver.breakdown(ops, new_state), BREAKDOWN,

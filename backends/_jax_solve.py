@@ -33,6 +33,7 @@ import numpy as np
 from jax import lax
 from prdp_ops.backends import _jax_args as args
 from prdp_ops.backends import _jax_driver as driver
+from prdp_ops.backends import _jax_unrolled as unrolled
 from prdp_ops.backends._jax_operators import structured_adjoint, transpose
 from prdp_ops.backends._jax_ops import OPS, JaxSolveResult
 from prdp_ops.backends.numpy import report_failure
@@ -342,9 +343,13 @@ def _unrolled_tangent(problem: Problem, primal: tuple, loop: driver.LoopOutput,
         return (_zeros(p_dot), _zeros(b_dot), _zeros(x0_dot), x_dot)
 
     def pullback(_: Callable, w: tuple) -> tuple:
-        params_bar, b_bar, x0_bar = driver.unrolled_pullback(
-            problem.solver, OPS, structured_adjoint(problem.rebuild), M, params, b, x0, loop,
-            tape, w[3])
+        if tape.record_avals is not None:
+            params_bar, b_bar, x0_bar = unrolled.hand_pullback(
+                problem.solver, OPS, problem.rebuild, M, params, keys, b, x0, loop, tape, w[3])
+        else:
+            params_bar, b_bar, x0_bar = driver.unrolled_pullback(
+                problem.solver, OPS, structured_adjoint(problem.rebuild), M, params, b, x0,
+                loop, tape, w[3])
         return ({k: params_bar[k] for k in keys}, None if b_dot is None else b_bar,
                 None if x0_dot is None else x0_bar, jnp.zeros_like(w[3]))
 
@@ -393,7 +398,10 @@ def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Ta
     state = jax.eval_shape(lambda b, x0: problem.solver.init(OPS, A, b, x0, M), b, x0)
     keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
     capacity = max(problem.tape_capacity, 1)
+    avals = unrolled.record_avals(problem.solver, OPS, A, M, b, x0)
     tape_state = sum(_nbytes(state[k]) for k in keys)
+    if avals is not None:
+        tape_state = max(tape_state, sum(_nbytes(a) for a in jax.tree_util.tree_leaves(avals)))
     limit = args.device_memory()
     every = problem.checkpoint_every
     if every is None:
@@ -401,7 +409,7 @@ def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Ta
         fits = limit is None or 8 * full <= limit
         every = 1 if problem.maxiter_given and fits else args.sqrt_checkpoints(capacity)
     args.check_memory(capacity, every, tape_state, limit, maxiter_given=problem.maxiter_given)
-    return driver.Tape(capacity, keys, every)
+    return driver.Tape(capacity, keys, every, avals)
 
 
 def _nbytes(aval: Any) -> int:

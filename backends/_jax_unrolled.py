@@ -1,0 +1,261 @@
+"""The unrolled reverse sweep from a solver's hand-derived reverse step (private to
+``prdp_ops.backends.jax``).
+
+A built-in solver writes its reverse step once, over ``ops``: ``record`` says what of one
+forward step the reverse needs (CG: ``r``, ``p``, ``rho`` before the step and ``q = A p``),
+``step_vjp`` maps the cotangent of the state after a step to the one before it, and
+``init_vjp``/``iterate_vjp`` close the chain. The NumPy backend runs them in a Python loop
+(:func:`prdp_ops.backends.numpy.unrolled_vjp`); here the forward ``lax.while_loop`` writes
+each step's record into a preallocated tape (one row per step, so the reverse reads each
+record as contiguous rows) and a reverse ``lax.fori_loop`` calls ``step_vjp`` on the rows in
+reverse order. Compared with pulling the cotangent back through ``jax.vjp`` of ``step``
+(:func:`prdp_ops.backends._jax_driver.unrolled_pullback`, the fallback for solvers without a
+traceable reverse step) no reverse step re-runs its forward step: the products with ``A``
+the reverse needs are on the tape.
+
+:class:`ReverseContext` is the functional JAX twin of the NumPy
+:class:`~prdp_ops.backends.numpy.ReverseContext`: for every forward product ``y = A v`` the
+reverse step asks for ``A^T y_bar`` (the operator's own transpose, or JAX's transpose of
+its matvec) and A's parameters receive ``vjp(p -> A(p) v)(y_bar)`` (the operator's own
+``param_vjp`` when it has one); the cotangents of ``b`` and of the parameters are carried
+through the reverse loop as loop state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from prdp_ops.backends._jax_driver import LoopOutput, Tape, materialized
+from prdp_ops.backends._jax_operators import own_param_vjp, transpose
+
+from prdp_ops._solver.base import IterativeSolver, State
+
+__all__ = ["ReverseContext", "hand_pullback", "record_avals"]
+
+#: The errors a solver's reverse step raises when it cannot run traced (GMRES's ``record``
+#: reads the step counter as a Python int) or is not implemented: the sweep then falls back
+#: to ``jax.vjp`` of ``step``.
+_UNTRACEABLE = (TypeError, NotImplementedError, ValueError, KeyError)
+
+
+def _tree_add(a: Any, b: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def _part_matvec(A: Any, part: str, v: Any) -> Any:
+    """``A_part v`` for one piece of the splitting ``A = D + L + U`` (Jacobi, SOR)."""
+    if part == "full":
+        return A.matvec(v)
+    if part == "diagonal":
+        return A.diagonal() * v
+    if part == "strict_lower":
+        return jnp.tril(A.to_matrix(), -1) @ v
+    if part == "strict_upper":
+        return jnp.triu(A.to_matrix(), 1) @ v
+    raise NotImplementedError(f"unknown part {part!r} of an operator's splitting")
+
+
+@dataclasses.dataclass(eq=False)
+class ReverseContext:
+    """What a reverse step produces besides the state cotangents (JAX, functional).
+
+    A fresh context wraps each reverse step: it starts from the running cotangents
+    ``b_bar`` and ``params_bar`` (loop state of the reverse loop) and the step's calls add
+    to them; the loop body reads them back afterwards.
+
+    Attributes
+    ----------
+    A, M
+        The operator and the preconditioner (constant) of the forward solve.
+    rebuild
+        ``params -> A(params)``: A's parameter cotangents are vjps of ``p -> A(p) v``.
+    params
+        A's parameters; ``live`` the names that receive cotangents.
+    b_bar, params_bar
+        The running cotangents of ``b`` and of the live parameters.
+    token
+        A value ``>= 0`` unknown to the compiler: products are kept out of their consumers'
+        fusions on CPU (see :class:`~prdp_ops.backends._jax_driver.Materialized`).
+    """
+
+    A: Any
+    M: Any
+    rebuild: Callable[[dict[str, Any]], Any]
+    params: dict[str, Any]
+    live: tuple[str, ...]
+    b_bar: Any
+    params_bar: dict[str, Any]
+    token: Any = None
+
+    def matvec_T(self, v: Any, y_bar: Any) -> Any:
+        """Return ``A^T y_bar`` for a forward ``y = A v``; A's parameters get their share."""
+        self.record_pair(v, y_bar)
+        A_T = transpose(self.A, y_bar)
+        if self.token is not None:
+            A_T = materialized(A_T, self.token)
+        return A_T.matvec(y_bar)
+
+    def record_pair(self, v: Any, y_bar: Any, part: str = "full") -> None:
+        """Add the parameter cotangent of ``y = A_part(p) v`` for ``y_bar`` (no product)."""
+        if not self.live:
+            return
+        live = {k: self.params[k] for k in self.live}
+        if own_param_vjp(self.A):
+            own = self.A.param_vjp(v, y_bar, part)
+            bar = {k: _like(own.get(k), p) for k, p in live.items()}
+        else:
+            def apply(sub: dict[str, Any]) -> Any:
+                return _part_matvec(self.rebuild({**self.params, **sub}), part, v)
+
+            _, pull = jax.vjp(apply, live)
+            (bar,) = pull(y_bar.astype(jax.eval_shape(apply, live).dtype))
+        self.params_bar = _tree_add(self.params_bar, bar)
+
+    def precond_T(self, z_bar: Any) -> Any:
+        """Return ``M^T z_bar`` for a forward ``z = M r`` (``M`` is a constant)."""
+        return transpose(self.M, z_bar).matvec(z_bar)
+
+    def add_b(self, b_bar: Any) -> None:
+        """Accumulate a contribution to b's cotangent."""
+        self.b_bar = self.b_bar + b_bar.astype(self.b_bar.dtype)
+
+
+def _like(cotangent: Any, param: Any) -> Any:
+    """A cotangent shaped and typed like its (possibly real) parameter."""
+    if cotangent is None:
+        return jnp.zeros_like(param)
+    cotangent = jnp.asarray(cotangent)
+    if not jnp.issubdtype(param.dtype, jnp.complexfloating):
+        cotangent = jnp.real(cotangent)
+    return cotangent.astype(param.dtype).reshape(param.shape)
+
+
+def _differentiable(state: State) -> State:
+    """The floating-point entries of a state that are not mere diagnostics."""
+    return {k: v for k, v in state.items()
+            if jnp.issubdtype(jnp.result_type(v), jnp.inexact) and k not in ("rnorm",)}
+
+
+def record_avals(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any) -> Any:
+    """The shapes of one step's ``record`` when ``solver``'s reverse step runs traced, else
+    ``None`` (then the sweep differentiates ``step`` with ``jax.vjp``).
+
+    Traces a whole reverse chain once (``init``, ``step``, ``record``, ``iterate_vjp``,
+    ``step_vjp``, ``init_vjp``) without running it.
+    """
+    if not solver.supports_unrolled_numpy:
+        return None
+
+    def chain(b: Any, x0: Any) -> Any:
+        state = solver.init(ops, A, b, x0, M)
+        new = solver.step(ops, A, b, state, M)
+        record = solver.record(ops, A, b, M, state, new)
+        ctx = ReverseContext(A, M, lambda p: A, A.parameters(), (), jnp.zeros_like(b), {})
+        bar = solver.iterate_vjp(ops, A, b, M, new, solver.iterate(ops, A, b, new, M), ctx)
+        bar = solver.step_vjp(ops, A, b, M, record, bar, ctx)
+        solver.init_vjp(ops, A, b, x0, M, bar, ctx)
+        return record
+
+    try:
+        return jax.eval_shape(chain, b, x0)
+    except _UNTRACEABLE:
+        return None
+
+
+def _normalize(bar: State, template: State) -> State:
+    """``bar`` on the template's keys and dtypes (absent or ``None`` entries are zeros)."""
+    out = {}
+    for k, like in template.items():
+        value = bar.get(k)
+        out[k] = jnp.zeros_like(like) if value is None else jnp.asarray(value).astype(
+            like.dtype).reshape(jnp.shape(like))
+    return out
+
+
+def hand_pullback(solver: IterativeSolver, ops: Any, rebuild: Callable, M: Any,
+                  params: dict[str, Any], live: tuple[str, ...], b: Any, x0: Any,
+                  loop: LoopOutput, tape: Tape, x_bar: Any) -> tuple[dict[str, Any], Any, Any]:
+    """Pull ``x_bar`` back through the ``loop.accepted`` steps with the solver's reverse
+    step: ``(params_bar, b_bar, x0_bar)`` (``params_bar`` holds the ``live`` names).
+
+    ``loop.tape`` holds one record per step (``tape.every == 1``) or a state every
+    ``tape.every`` steps, from which each segment's records are recomputed.
+    """
+    A = rebuild(params)
+    ctx = ReverseContext(A, M, rebuild, params, live, jnp.zeros_like(b),
+                         {k: jnp.zeros_like(params[k]) for k in live})
+    bar = solver.iterate_vjp(ops, A, b, M, loop.state, x_bar, ctx)
+    # The reverse loop's carry: the cotangents of the state entries the reverse steps
+    # produce (and of those iterate_vjp gave, for K = 0), typed like the entries.
+    diff = _differentiable(loop.state)
+    record = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), tape.record_avals)
+    keys = set(bar) | set(jax.eval_shape(
+        lambda: solver.step_vjp(ops, A, b, M, record, _normalize(bar, diff),
+                                dataclasses.replace(ctx))))
+    template = {k: v for k, v in diff.items() if k in keys}
+    carry = (_normalize(bar, template), ctx.b_bar, ctx.params_bar)
+
+    def reverse_step(record: Any, token: Any, carry: tuple) -> tuple:
+        state_bar, b_bar, params_bar = carry
+        step_ctx = dataclasses.replace(ctx, b_bar=b_bar, params_bar=params_bar, token=token)
+        state_bar = solver.step_vjp(ops, A, b, M, record, state_bar, step_ctx)
+        return _normalize(state_bar, template), step_ctx.b_bar, step_ctx.params_bar
+
+    accepted = loop.accepted
+    if tape.every == 1:
+        def body(i: Any, carry: tuple) -> tuple:
+            k = accepted - 1 - i
+            return reverse_step(_row(loop.tape, k), k, carry)
+
+        carry = lax.fori_loop(0, accepted, body, carry)
+    else:
+        carry = _checkpointed(solver, ops, A, M, b, loop, tape, reverse_step, carry)
+    state_bar, b_bar, params_bar = carry
+    end = dataclasses.replace(ctx, b_bar=b_bar, params_bar=params_bar)
+    x0_bar = solver.init_vjp(ops, A, b, x0, M, state_bar, end)
+    return end.params_bar, end.b_bar, jnp.asarray(x0_bar).astype(x0.dtype)
+
+
+def _row(buffers: Any, k: Any) -> Any:
+    """Row ``k`` of every stacked leaf of a tape."""
+    return jax.tree_util.tree_map(lambda buf: buf[k], buffers)
+
+
+def _checkpointed(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, loop: LoopOutput,
+                  tape: Tape, reverse_step: Callable, carry: tuple) -> tuple:
+    """Reverse sweep with a state kept every ``tape.every`` steps: each segment is run again
+    from its checkpoint, writing its records into a buffer of ``tape.every`` rows, then
+    reversed."""
+    every, accepted = tape.every, loop.accepted
+    template = loop.state
+    segments = (accepted + every - 1) // every
+
+    def segment(i: Any, carry: tuple) -> tuple:
+        s = segments - 1 - i
+        length = jnp.minimum(every, accepted - s * every)
+        first = {k: loop.tape[k][s] if k in loop.tape else jnp.zeros_like(v)
+                 for k, v in template.items()}
+        local = jax.tree_util.tree_map(lambda a: jnp.zeros((every, *a.shape), a.dtype),
+                                       tape.record_avals)
+
+        def forward(j: Any, acc: tuple) -> tuple:
+            state, local = acc
+            new = solver.step(ops, materialized(A, j), b, state, materialized(M, j))
+            record = solver.record(ops, A, b, M, state, new)
+            local = jax.tree_util.tree_map(lambda buf, v: buf.at[j].set(v), local, record)
+            return new, local
+
+        _, local = lax.fori_loop(0, length, forward, (first, local))
+
+        def backward(j: Any, carry: tuple) -> tuple:
+            k = length - 1 - j
+            return reverse_step(_row(local, k), k, carry)
+
+        return lax.fori_loop(0, length, backward, carry)
+
+    return lax.fori_loop(0, segments, segment, carry)
