@@ -109,8 +109,17 @@ def vector(v: Any, n: int, name: str, dtype: Any) -> Any:
         v = jnp.asarray(v)
     shape = getattr(v, "shape", None)
     if shape not in ((n,), (n, 1)):
+        hint = ""
+        if shape is not None and len(shape) == 2 and n in shape:
+            # A block of right-hand sides: in JAX that is vmap (one batched loop; the bridge
+            # hands the batch to one block solve on the host).
+            axis = 1 if shape[0] == n else 0
+            axes = "in_axes=1, out_axes=1" if axis else "in_axes=0"
+            hint = (f"; for a batch of right-hand sides use jax.vmap, e.g. jax.vmap(lambda b: "
+                    f"solve(A, b, ...), {axes})({name})")
         raise ValueError(
-            f"{name} must have shape ({n},) to match A of shape ({n}, {n}); got shape {shape}"
+            f"{name} must have shape ({n},) to match A of shape ({n}, {n}); got shape "
+            f"{shape}{hint}"
         )
     v = v.reshape(-1).astype(dtype)
     # A concrete vector is checked on the host (jnp ops would be staged under jit); a traced

@@ -26,8 +26,11 @@ themselves (a matvec function returning the wrong shape, a non-callable
 ``adjoint_callback``) are raised at trace time.
 An empty system (``n = 0``) is solved by the empty vector without a callback.
 
-Both callbacks are batched by ``vmap`` one problem at a time (``vmap_method="sequential"``).
-``maxiter`` and the tolerances travel as callback operands, so they may be traced here too.
+Under ``vmap`` both callbacks receive the whole batch (``vmap_method="expand_dims"``): a batch
+of right-hand sides with everything else shared is one block solve on the host (one product
+of ``A`` with the ``k`` columns per iteration; :mod:`prdp_ops.backends._jax_bridge_batch`),
+any other batch is solved one problem at a time. ``maxiter`` and the tolerances travel as
+callback operands, so they may be traced here too.
 
 A may be a dense jax array, a jax BCOO matrix, a ``po.LinearOperator`` whose parameters are
 jax arrays (gradients reach all of these), or anything ``po.aslinearoperator`` takes (a
@@ -50,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from prdp_ops.backends import _jax_args as jax_args
+from prdp_ops.backends import _jax_bridge_batch as batch
 from prdp_ops.backends import _jax_driver as driver
 
 import prdp_ops as po
@@ -195,8 +199,8 @@ class _Bridge:
     adjoint_callback: Callable | None
 
     # -- host side (runs inside the callbacks) ------------------------------------------------
-    def _problem(self, params: dict, constants: tuple, m_params: dict, m_constants: tuple,
-                 b: Any, x0: Any, controls: Any) -> core._Problem:
+    def problem(self, params: dict, constants: tuple, m_params: dict, m_constants: tuple,
+                b: Any, x0: Any, controls: Any) -> core._Problem:
         maxiter, rtol, atol = int(controls[0]), float(controls[1]), float(controls[2])
         A = self.A.build(params, constants)
         M = None if self.M is None else self.M.build(m_params, m_constants)
@@ -205,18 +209,47 @@ class _Bridge:
         return core._Problem(A, b, self.solver, x0, maxiter, rtol, atol, M, self.on_failure,
                              1, {}, check_finite=False)
 
-    def forward_host(self, params: dict, constants: tuple, m_params: dict,
-                     m_constants: tuple, b: Any, x0: Any, controls: Any) -> tuple:
-        problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
+    def forward_host(self, *args: Any) -> tuple:
+        """The forward callback: one problem, or a batch under ``vmap`` (see
+        :mod:`prdp_ops.backends._jax_bridge_batch`)."""
+        if np.ndim(args[4]) > 1:
+            return batch.batched_forward(self, args)
+        return self.forward_one(*args)
+
+    def backward_host(self, *args: Any) -> tuple:
+        """The backward callback: one problem, or a batch under ``vmap``."""
+        if np.ndim(args[4]) > 1:
+            return batch.batched_backward(self, args)
+        return self.backward_one(*args)
+
+    def forward_one(self, params: dict, constants: tuple, m_params: dict,
+                    m_constants: tuple, b: Any, x0: Any, controls: Any) -> tuple:
+        problem = self.problem(params, constants, m_params, m_constants, b, x0, controls)
         result = problem.run().result
         return (_xp(b).asarray(result.x, dtype=self.dtype).reshape(self.n),
-                *_encode(result, self.history_size, np.finfo(self.dtype).dtype))
+                *self.encode(result))
 
-    def backward_host(self, params: dict, constants: tuple, m_params: dict,
-                      m_constants: tuple, b: Any, x0: Any, controls: Any, x: Any,
-                      x_bar: Any) -> tuple:
+    def encode(self, result: po.SolveResult) -> tuple:
+        """Iterations, status code and residual history as the callback declares them."""
+        return _encode(result, self.history_size, np.finfo(self.dtype).dtype)
+
+    @staticmethod
+    def xp(a: Any) -> Any:
+        """The array module of a host array (numpy or cupy)."""
+        return _xp(a)
+
+    def host_params_bar(self, A_bar: Any, params: dict, constants: tuple) -> dict:
+        """``Cotangents.A`` as cotangents of the callback's parameter arrays."""
+        xp = _xp(next(iter(params.values())))
+        params_bar = self.A.param_cotangents(A_bar, params, constants)
+        return {k: xp.asarray(v, dtype=params[k].dtype).reshape(params[k].shape)
+                for k, v in params_bar.items()}
+
+    def backward_one(self, params: dict, constants: tuple, m_params: dict,
+                     m_constants: tuple, b: Any, x0: Any, controls: Any, x: Any,
+                     x_bar: Any) -> tuple:
         """``(b_bar, params_bar)``, and ``x0_bar`` last in unrolled mode."""
-        problem = self._problem(params, constants, m_params, m_constants, b, x0, controls)
+        problem = self.problem(params, constants, m_params, m_constants, b, x0, controls)
         if self.adjoint == "unrolled":
             run = problem.run(keep_tape=True)
             cotangents = core._unrolled_vjp(problem, run)(x_bar)
@@ -227,9 +260,7 @@ class _Bridge:
             if self.adjoint_callback is not None and cotangents.adjoint_result is not None:
                 self.adjoint_callback(cotangents.adjoint_result)
         xp = _xp(b)
-        params_bar = self.A.param_cotangents(cotangents.A, params, constants) if params else {}
-        params_bar = {k: xp.asarray(v, dtype=params[k].dtype).reshape(params[k].shape)
-                      for k, v in params_bar.items()}
+        params_bar = self.host_params_bar(cotangents.A, params, constants) if params else {}
         b_bar = xp.asarray(cotangents.b, dtype=self.dtype).reshape(self.n)
         if self.adjoint == "unrolled":
             return b_bar, params_bar, xp.asarray(cotangents.x0, dtype=self.dtype).reshape(self.n)
@@ -250,7 +281,7 @@ class _Bridge:
                          b: Any, x0: Any, controls: Any) -> tuple:
             return self.transport(self.forward_host, self.result_shapes(), params, constants,
                                   m_params, m_constants, b, x0, controls,
-                                  vmap_method="sequential")
+                                  vmap_method="expand_dims")
 
         @jax.custom_vjp
         def solve_fn(params: dict, constants: tuple, m_params: dict, m_constants: tuple,
@@ -270,7 +301,7 @@ class _Bridge:
                 shapes = (*shapes, vector)
             out = self.transport(
                 self.backward_host, shapes, params, constants, m_params, m_constants, b, x0,
-                controls, x, cotangents[0], vmap_method="sequential")
+                controls, x, cotangents[0], vmap_method="expand_dims")
             b_bar, params_bar = out[:2]
             # Implicit: x0 has no cotangent (None is JAX's zero), as on the native path.
             x0_bar = out[2] if self.adjoint == "unrolled" else None

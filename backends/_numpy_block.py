@@ -36,7 +36,7 @@ import numpy as np
 from prdp_ops.backends.numpy import ReverseContext, run_solver
 
 from prdp_ops._array_ops import ArrayOps
-from prdp_ops._operators.base import LinearOperator
+from prdp_ops._operators.base import LinearOperator, add_cotangents
 from prdp_ops._solution import (
     STAGNATION_DECREASE,
     STAGNATION_WINDOW,
@@ -347,12 +347,27 @@ class ColumnReverseContext(ReverseContext):
     def add_b(self, b_bar: Any) -> None:
         super().add_b(self._masked(b_bar))
 
+    def column_param_cotangents(self) -> list[dict[str, Any]]:
+        """A's parameter cotangents of each column separately (a ``jax.vmap`` over the
+        bridge needs them per example), from the same recorded pairs."""
+        xp = self.ops.xp
+        columns = self.b_bar.shape[1]
+        totals: list[dict[str, Any]] = [{} for _ in range(columns)]
+        for part, pairs in self._pairs.items():
+            X = xp.stack([v for v, _ in pairs])
+            Y_bar = xp.stack([y for _, y in pairs])
+            for j in range(columns):
+                totals[j] = add_cotangents(totals[j], self.A.A.param_vjp_batch(
+                    X[:, :, j], Y_bar[:, :, j], part))
+        return totals
+
 
 def unrolled_block_vjp(solver: IterativeSolver, ops: ArrayOps, A: LinearOperator, B: Any,
                        X0: Any, M: LinearOperator | None, run: BlockRun,
-                       X_bar: Any) -> tuple[Any, Callable[[], dict[str, Any]], Any]:
-    """Reverse sweep of :func:`run_block`'s tape: ``(B_bar, params_bar, X0_bar)`` as
-    :func:`~prdp_ops.backends.numpy.unrolled_vjp`. A frozen column's cotangent passes a
+                       X_bar: Any) -> tuple[Any, ColumnReverseContext, Any]:
+    """Reverse sweep of :func:`run_block`'s tape: ``(B_bar, ctx, X0_bar)``, where
+    ``ctx.param_cotangents()`` gives A's cotangent (summed over the columns) and
+    ``ctx.column_param_cotangents()`` each column's. A frozen column's cotangent passes a
     step unchanged: the transpose of ``state <- where(keep, new, state)``."""
     ops = ColumnOps(ops)
     A_block = ColumnBlockOperator(A)
@@ -371,7 +386,7 @@ def unrolled_block_vjp(solver: IterativeSolver, ops: ArrayOps, A: LinearOperator
             ctx.keep = None
             state_bar = _pass_frozen(ops, keep, before_bar, state_bar)
         X0_bar = solver.init_vjp(ops, A_block, B, X0, M_block, state_bar, ctx)
-    return ctx.b_bar, ctx.param_cotangents, X0_bar
+    return ctx.b_bar, ctx, X0_bar
 
 
 def _pass_frozen(ops: ArrayOps, keep: Any, before_bar: State, after_bar: State) -> State:

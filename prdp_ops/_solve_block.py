@@ -152,40 +152,50 @@ def _zero_vjp(problem: Any) -> Callable[..., Cotangents]:
 
 
 def _unrolled_vjp(problem: Any, run: block_backend.BlockRun) -> Callable[..., Cotangents]:
-    ops = problem.ops
-
     def vjp(x_bar: Any, **_: Any) -> Cotangents:
         x_bar = _check_cotangent(problem, x_bar)
-        if run.runs is None:
-            b_bar, params_bar, x0_bar = block_backend.unrolled_block_vjp(
-                problem.solver, ops, problem.A, problem.b, problem.x0, problem.M, run, x_bar)
-        else:
-            b_bar, params_bar, x0_bar = _unrolled_columns(problem, run, x_bar)
-        # A zero column's x = 0 depends on nothing (its x0 was replaced by 0).
-        keep = ops.xp.asarray(~run.zero_columns)
-        return _cotangents(problem, ops.where(keep, b_bar, 0), ops.where(keep, x0_bar, 0),
-                           A_thunk=lambda: problem.A.format_cotangent(params_bar()))
+        b_bar, x0_bar, column_params = unrolled_columns(problem, run, x_bar)
+        return _cotangents(problem, b_bar, x0_bar,
+                           A_thunk=lambda: problem.A.format_cotangent(column_params(None)))
 
     return vjp
 
 
-def _unrolled_columns(problem: Any, run: block_backend.BlockRun,
-                      x_bar: Any) -> tuple[Any, Callable[[], dict], Any]:
-    """The reverse sweeps of a block solved one column at a time."""
-    xp = problem.ops.xp
-    sweeps = [numpy_backend.unrolled_vjp(problem.solver, problem.ops, problem.A,
-                                         problem.b[:, j], problem.x0[:, j], problem.M,
-                                         column_run, x_bar[:, j])
-              for j, column_run in enumerate(run.runs)]
+def unrolled_columns(problem: Any, run: block_backend.BlockRun,
+                     x_bar: Any) -> tuple[Any, Any, Callable[[int | None], Any]]:
+    """The unrolled reverse sweep of a block: ``(b_bar, x0_bar, params)``, where
+    ``params(None)`` is A's cotangent summed over the columns and ``params(j)`` column
+    ``j``'s (parameter dicts)."""
+    ops, xp = problem.ops, problem.ops.xp
+    if run.runs is None:
+        b_bar, ctx, x0_bar = block_backend.unrolled_block_vjp(
+            problem.solver, ops, problem.A, problem.b, problem.x0, problem.M, run, x_bar)
+        per_column: list = []
 
-    def params_bar() -> dict:
-        total: dict = {}
-        for _, column_params, _ in sweeps:
-            total = add_cotangents(total, column_params())
-        return total
+        def params(j: int | None) -> dict:
+            if j is None:
+                return ctx.param_cotangents()
+            if not per_column:
+                per_column.extend(ctx.column_param_cotangents())
+            return per_column[j]
+    else:
+        sweeps = [numpy_backend.unrolled_vjp(problem.solver, ops, problem.A, problem.b[:, j],
+                                             problem.x0[:, j], problem.M, column_run,
+                                             x_bar[:, j])
+                  for j, column_run in enumerate(run.runs)]
+        b_bar = xp.stack([s[0] for s in sweeps], axis=1)
+        x0_bar = xp.stack([s[2] for s in sweeps], axis=1)
 
-    return (xp.stack([s[0] for s in sweeps], axis=1), params_bar,
-            xp.stack([s[2] for s in sweeps], axis=1))
+        def params(j: int | None) -> dict:
+            if j is not None:
+                return sweeps[j][1]()
+            total: dict = {}
+            for _, column_params, _ in sweeps:
+                total = add_cotangents(total, column_params())
+            return total
+    # A zero column's x = 0 depends on nothing (its x0 was replaced by 0).
+    keep = xp.asarray(~run.zero_columns)
+    return ops.where(keep, b_bar, 0), ops.where(keep, x0_bar, 0), params
 
 
 def _implicit_vjp(problem: Any, adj: Any, X: Any) -> Callable[..., Cotangents]:

@@ -282,3 +282,81 @@ def test_column_of_one_stays_a_vector_solve() -> None:
     A = SOLVER_CASES[0].matrix_for(N)
     result = po.solve(A, np.ones((N, 1)), "cg")
     assert isinstance(result, po.SolveResult) and result.x.shape == (N, 1)
+
+
+# -- JAX: vmap is the batch; the bridge hands it to one block solve ----------------------------
+jax = pytest.importorskip("jax")
+jnp = pytest.importorskip("jax.numpy")
+pj = pytest.importorskip("prdp_ops.backends.jax")
+
+
+@pytest.mark.parametrize(("solver", "adjoint"), [
+    ("cg", "implicit"), ("gmres", "unrolled"),
+    # The other two compile the same paths again (about 20 s each on 2 cores).
+    pytest.param("cg", "unrolled", marks=pytest.mark.slow),
+    pytest.param("gmres", "implicit", marks=pytest.mark.slow),
+])
+def test_bridge_under_vmap_is_one_block_solve_equal_to_native(solver, adjoint) -> None:
+    """A batch of b through backend="numpy" under vmap: one host solve whose products all
+    have the batch's k columns, with the native path's values and gradients -- the batch's
+    and each example's own (vmap of grad) cotangent of A."""
+    case = SOLVER_CASES[0] if solver == "cg" else SOLVER_CASES[2]
+    with jax.enable_x64(True):
+        A_np, B_np, W_np = _problem(case)
+        A, B, W = jnp.asarray(A_np), jnp.asarray(B_np.T), jnp.asarray(W_np.T)
+        # Unrolled: a fixed count below n, in agree_tol's model (a converged Krylov run has
+        # lost orthogonality, and its unrolled derivative depends on the rounding).
+        options = dict(rtol=1e-10 if adjoint == "implicit" else 0.0,
+                       maxiter=200 if adjoint == "implicit" else _fixed(case),
+                       adjoint=adjoint, **case.options)
+
+        def loss(A, b, w, backend):
+            return jnp.sum(w * pj.solve(A, b, solver, backend=backend, **options))
+
+        def batch_loss(A, B, backend):
+            return jax.vmap(loss, (None, 0, 0, None))(A, B, W, backend).sum()
+
+        grads = {backend: jax.jit(jax.grad(batch_loss, (0, 1)), static_argnums=2)(A, B, backend)
+                 for backend in ("jax", "numpy")}
+        per_example = {backend: jax.vmap(jax.grad(loss), (None, 0, 0, None))(A, B, W, backend)
+                       for backend in ("jax", "numpy")}
+    cond = np.linalg.cond(A_np)
+    # Implicit: two adjoint solves converged to 1e-10 (a bound, any order); unrolled: the
+    # same iterations' derivative, summed in other orders (XLA against NumPy).
+    tol = (converged_tol(cond, 1e-10, 1e-10, n=N) * cond if adjoint == "implicit"
+           else agree_tol(np.float64, cond, _fixed(case), power=2))
+    for got, want in zip(grads["numpy"], grads["jax"], strict=True):
+        assert_agree(got, want, tol)
+    assert per_example["numpy"].shape == (K, N, N)
+    assert_agree(per_example["numpy"], per_example["jax"], tol)
+
+
+def test_bridge_batch_runs_the_block_loop() -> None:
+    calls = []
+    A_np = SOLVER_CASES[0].matrix_for(N)
+
+    class Counting(po.LinearOperator):
+        def __init__(self) -> None:
+            super().__init__(A_np.shape, A_np.dtype)
+            self.hermitian = True
+
+        def _matvec(self, x):
+            calls.append(x.shape)
+            return A_np @ x
+
+        def _matmat(self, X):
+            calls.append(X.shape)
+            return A_np @ X
+
+    with jax.enable_x64(True):
+        B = jnp.ones((K, N))
+        X = jax.jit(jax.vmap(lambda b: pj.solve(Counting(), b, "cg", rtol=0.0, maxiter=5,
+                                                backend="numpy")))(B)
+    assert X.shape == (K, N)
+    iterations = [shape for shape in calls if shape != (N,)]  # (N,): the trace-time probe
+    assert iterations == [(N, K)] * 6, calls
+
+
+def test_native_jax_block_b_points_to_vmap() -> None:
+    with pytest.raises(ValueError, match=r"use jax.vmap, e.g. jax.vmap\(.*in_axes=1, out_axes=1"):
+        pj.solve(jnp.eye(N), jnp.ones((N, K)), "cg")
