@@ -13,8 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from prdp_ops.backends._numpy_tape import (
+    TapeArena,
+    TapingOps,
+    cached_tape_bytes,
+    clear_tape_cache,
+    set_tape_cache_limit,
+    tape_cache_limit,
+)
 
-from prdp_ops._array_ops import ArrayOps
+from prdp_ops._array_ops import ArrayOps, NumpyOps
 from prdp_ops._operators.base import LinearOperator, add_cotangents
 from prdp_ops._solution import (
     STAGNATION_DECREASE,
@@ -26,7 +34,8 @@ from prdp_ops._solution import (
 from prdp_ops._solver.base import IterativeSolver, State
 from prdp_ops._solver.contract import checked_init, checked_step, solver_label
 
-__all__ = ["Monitor", "ReverseContext", "Run", "run_solver", "unrolled_vjp"]
+__all__ = ["Monitor", "ReverseContext", "Run", "cached_tape_bytes", "clear_tape_cache",
+           "run_solver", "set_tape_cache_limit", "tape_cache_limit", "unrolled_vjp"]
 
 logger = logging.getLogger("prdp_ops")
 
@@ -87,6 +96,10 @@ def run_solver(
     state = checked_init(solver, ops, A, b, x0, M)
     norms = [solver.residual_norm(ops, state)]
     tape: list[Any] | None = [] if keep_tape else None
+    # What solver.record keeps through ops.keep goes into tape memory reused between solves
+    # (NumPy only: CuPy has its own memory pool, JAX does not tape here).
+    record_ops = (TapingOps(TapeArena(b.shape, b.dtype))
+                  if keep_tape and type(ops) is NumpyOps else ops)
     monitor = Monitor(ops, A, b, tol, stop_on_convergence)
     iterations = 0
     status = monitor.start(ops.to_float(norms[0]), lambda: solver.iterate(ops, A, b, state, M))
@@ -105,7 +118,7 @@ def run_solver(
                 status = failure
                 break
         if tape is not None:
-            tape.append(solver.record(ops, A, b, M, state, new_state))
+            tape.append(solver.record(record_ops, A, b, M, state, new_state))
         state = new_state
         if callback is not None:
             callback(solver.iterate(ops, A, b, state, M))
@@ -271,6 +284,10 @@ class ReverseContext:
         self._M_T = M.T if M is not None else None
         self._track = bool(A.parameters())
         self._pairs: dict[str, list[tuple[Any, Any]]] = {}
+        # The pairs' cotangents live until A's cotangent is asked for (one n-vector per
+        # product): in reused tape memory on NumPy, as the forward tape (no page faults).
+        self._arena = (TapeArena(b.shape, b.dtype)
+                       if self._track and type(ops) is NumpyOps else None)
         self.b_bar = ops.xp.zeros_like(b)
 
     def matvec_T(self, v: Any, y_bar: Any) -> Any:
@@ -281,6 +298,8 @@ class ReverseContext:
     def record_pair(self, v: Any, y_bar: Any, part: str = "full") -> None:
         """Record that ``y = A_part v`` received cotangent ``y_bar`` (no product computed)."""
         if self._track:
+            if self._arena is not None:
+                y_bar = self._arena.keep(y_bar)
             self._pairs.setdefault(part, []).append((v, y_bar))
 
     def precond_T(self, z_bar: Any) -> Any:

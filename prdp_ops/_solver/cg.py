@@ -65,44 +65,58 @@ class CG(IterativeSolver):
 
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The reverse step needs r, p, rho before the step (not x: the step is affine in x)
-        # and q = A p, which the forward step computed anyway; keeping q saves one matvec
-        # per step in the reverse sweep. Memory: three n-vectors per iteration.
-        return (before["r"], before["p"], before["rho"], after["q"])
+        # The reverse step needs p and rho before the step, and r', q = A p and rho' after
+        # it (not x: the step is affine in x; not r: only r' = r - alpha q enters the
+        # reverse). Keeping q saves the reverse sweep one product with A per step, keeping r'
+        # the recomputation of r - alpha q. Memory: three n-vectors per iteration, the least
+        # for a reverse without recomputation (no one of p, q, r' follows stably from the
+        # other two and the scalars).
+        return (ops.keep(before["p"]), ops.keep(after["q"]), ops.keep(after["r"]),
+                before["rho"], after["rho"])
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
+        # state_bar's "r" and "p" are private to the sweep, so they are updated in place
+        # (ops.axpy_/scale_, functional on JAX); x_bar passes through and is never written.
         conj = ops.conj
-        r, p, rho, q = record
-        # Recompute the step's scalars and vectors from the recorded state.
+        p, q, r_new, rho, rho_new = record
+        # Recompute the step's scalars from the recorded vectors (bit for bit the forward's).
         pq = ops.vdot(p, q)
         alpha = ops.safe_divide(rho, pq)
-        r_new = r - alpha * q
-        z_new = precondition(M, r_new)
-        rho_new = ops.vdot(r_new, z_new)
         beta = ops.safe_divide(rho_new, rho)
 
-        x_bar = cotangent(state_bar, "x", r)  # x' = x + alpha p: x_bar passes through
-        r_bar_new = cotangent(state_bar, "r", r)
-        p_bar_new = cotangent(state_bar, "p", r)
+        x_bar = cotangent(state_bar, "x", r_new)  # x' = x + alpha p: x_bar passes through
+        r_bar = cotangent(state_bar, "r", r_new)
+        p_bar = cotangent(state_bar, "p", r_new)
         rho_bar_new = cotangent(state_bar, "rho", rho)
 
         # p' = z' + beta p ;  beta = rho' / rho
-        beta_bar = ops.dot(p_bar_new, p)
+        beta_bar = ops.dot(p_bar, p)
         rho_bar_new = rho_bar_new + ops.safe_divide(beta_bar, rho)
         rho_bar = -beta_bar * ops.safe_divide(beta, rho)
-        # rho' = <r', z'> ;  z' = M r'  (z_bar = p_bar' + conj(r') rho_bar')
-        z_bar = p_bar_new + conj(r_new) * rho_bar_new
-        r_bar = r_bar_new + conj(z_new * rho_bar_new) + precondition_T(M, ctx, z_bar)
+        # rho' = <r', z'>,  z' = M r':  z_bar = p_bar' + conj(r') rho_bar',
+        # r_bar = r_bar' + conj(z' rho_bar') + M^T z_bar.
+        if M is None:
+            # z' = r': r_bar = r_bar' + p_bar' + conj(r') 2 Re(rho_bar'), two passes.
+            r_bar = ops.axpy_(r_bar, 1, p_bar)
+            r_bar = ops.axpy_(r_bar, 2 * ops.xp.real(rho_bar_new), conj(r_new))
+        else:
+            z_new = precondition(M, r_new)
+            z_bar = p_bar + conj(r_new) * rho_bar_new
+            r_bar = ops.axpy_(r_bar, 1, conj(z_new * rho_bar_new))
+            r_bar = ops.axpy_(r_bar, 1, precondition_T(M, ctx, z_bar))
         # r' = r - alpha q ;  x' = x + alpha p  (r_bar above is both r_bar' and r's share)
         alpha_bar = ops.dot(x_bar, p) - ops.dot(r_bar, q)
         # alpha = rho / pq ;  pq = <p, q>
         rho_bar = rho_bar + ops.safe_divide(alpha_bar, pq)
         pq_bar = -alpha_bar * ops.safe_divide(alpha, pq)
-        q_bar = conj(p) * pq_bar - alpha * r_bar
-        p_bar = beta * p_bar_new + alpha * x_bar + conj(q * pq_bar)
-        # q = A p
-        p_bar = p_bar + ctx.matvec_T(p, q_bar)
+        q_bar = ops.axpy_(-alpha * r_bar, pq_bar, conj(p))
+        # p_bar = beta p_bar' + alpha x_bar + conj(q pq_bar) + A^T q_bar  (q = A p), in the
+        # buffer of p_bar'.
+        p_bar = ops.scale_(p_bar, beta)
+        p_bar = ops.axpy_(p_bar, alpha, x_bar)
+        p_bar = ops.axpy_(p_bar, conj(pq_bar), conj(q))
+        p_bar = ops.axpy_(p_bar, 1, ctx.matvec_T(p, q_bar))
         return {"x": x_bar, "r": r_bar, "p": p_bar, "rho": rho_bar}
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,

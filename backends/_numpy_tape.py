@@ -1,0 +1,144 @@
+"""Tape memory for the NumPy driver: blocks reused from one unrolled solve to the next.
+
+An unrolled solve keeps a few n-vectors per iteration (CG: three) until its reverse sweep
+has run. Left to the allocator, those vectors are fresh memory on every call: glibc hands a
+freed tape of hundreds of megabytes back to the kernel, and the next call page-faults all of
+it in again (zeroed by the kernel), which measured as long as the forward pass itself at
+256^2. Here the tape's vectors are copies (``ops.keep``) into rows of large blocks that stay
+allocated between calls, so a repeated solve of the same shape writes into memory that is
+already mapped.
+
+A block is reused only when nothing refers to it any more: every row handed out is a view
+whose ``base`` is the block, so the block's reference count tells whether a tape, a pending
+vjp, a deferred cotangent or a user still holds any part of it. A solve whose vjp is kept
+alive therefore keeps its blocks, and the next solve takes others (or new ones): nothing
+anybody holds is ever overwritten.
+
+The cache holds at most :func:`tape_cache_limit` bytes (blocks past it are ordinary
+memory, freed with their tape); :func:`clear_tape_cache` drops every cached block.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+
+from prdp_ops._array_ops import NumpyOps
+
+__all__ = ["TapeArena", "TapingOps", "cached_tape_bytes", "clear_tape_cache",
+           "set_tape_cache_limit", "tape_cache_limit"]
+
+#: Target size of one block: large enough that allocation is rare, small enough that a short
+#: solve does not reserve much more than it uses.
+_BLOCK_BYTES = 8 << 20
+#: Rows per block, at most (tiny vectors: a block of 8 MiB would be mostly unused).
+_MAX_ROWS = 256
+
+_cache: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+_limit = [2 << 30]  # bytes; a list so the setter needs no global statement
+
+
+def _references(blocks: list[np.ndarray], i: int) -> int:
+    return sys.getrefcount(blocks[i])
+
+
+# The count of a block that only the cache holds, measured once through the same code path
+# (the list's reference plus getrefcount's argument), so the test does not depend on the
+# interpreter's counting conventions.
+_FREE = _references([np.empty(1)], 0)
+
+
+def tape_cache_limit() -> int:
+    """The most bytes of tape blocks kept for reuse between solves (default 2 GiB)."""
+    return _limit[0]
+
+
+def set_tape_cache_limit(nbytes: int) -> int:
+    """Set :func:`tape_cache_limit` and return the previous limit.
+
+    Blocks already cached beyond a lowered limit are dropped when no tape uses them;
+    ``0`` turns the reuse off (every tape is fresh memory, freed with its vjp).
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"nbytes must be an int >= 0 (bytes of tape cache); got {nbytes!r}")
+    previous, _limit[0] = _limit[0], nbytes
+    _trim()
+    return previous
+
+
+def cached_tape_bytes() -> int:
+    """Bytes held by the tape cache now (blocks in use by a live tape included)."""
+    return sum(block.nbytes for blocks in _cache.values() for block in blocks)
+
+
+def clear_tape_cache() -> None:
+    """Drop every cached tape block; memory still used by a live tape (a vjp not yet
+    called or still held) is freed when that tape goes."""
+    _cache.clear()
+
+
+def _trim() -> None:
+    """Drop free blocks while the cache holds more than the limit."""
+    total = cached_tape_bytes()
+    for blocks in _cache.values():
+        i = len(blocks) - 1
+        while i >= 0 and total > _limit[0]:
+            if _references(blocks, i) == _FREE:
+                total -= blocks[i].nbytes
+                del blocks[i]
+            i -= 1
+
+
+class TapeArena:
+    """The rows one taped solve copies its kept vectors into.
+
+    Parameters
+    ----------
+    shape, dtype
+        Of the vectors kept (the solve's ``b``). Arrays of another shape or dtype are kept
+        by reference, as without an arena.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        itemsize = max(self.dtype.itemsize * int(np.prod(self.shape)), 1)
+        self._rows = int(min(max(_BLOCK_BYTES // itemsize, 1), _MAX_ROWS))
+        self._key = (self.shape, self.dtype.str)
+        self._block: np.ndarray | None = None
+        self._next = 0
+
+    def keep(self, a: Any) -> Any:
+        """A copy of ``a`` in the next free row (``a`` itself if its shape/dtype differ)."""
+        if not isinstance(a, np.ndarray) or a.shape != self.shape or a.dtype != self.dtype:
+            return a
+        if self._block is None or self._next == self._rows:
+            self._block, self._next = self._new_block(), 0
+        row = self._block[self._next]
+        self._next += 1
+        np.copyto(row, a)
+        return row
+
+    def _new_block(self) -> np.ndarray:
+        blocks = _cache.setdefault(self._key, [])
+        for i in range(len(blocks)):
+            # Free: no row of it is held (this arena's current block is not: it holds it).
+            if _references(blocks, i) == _FREE:
+                return blocks[i]
+        block = np.empty((self._rows, *self.shape), dtype=self.dtype)
+        if cached_tape_bytes() + block.nbytes <= _limit[0]:
+            blocks.append(block)
+        return block
+
+
+class TapingOps(NumpyOps):
+    """:class:`~prdp_ops._array_ops.NumpyOps` whose :meth:`keep` copies into a
+    :class:`TapeArena`; the driver passes it to ``solver.record`` only."""
+
+    def __init__(self, arena: TapeArena) -> None:
+        super().__init__()
+        self.arena = arena
+
+    def keep(self, a: Any) -> Any:
+        return self.arena.keep(a)
