@@ -35,6 +35,8 @@ __all__ = ["TapeArena", "TapingOps", "cached_tape_bytes", "clear_tape_cache",
 _BLOCK_BYTES = 8 << 20
 #: Rows per block, at most (tiny vectors: a block of 8 MiB would be mostly unused).
 _MAX_ROWS = 256
+#: How many recently kept arrays :meth:`TapeArena.keep` recognises (copies each once).
+_RECENT = 8
 
 _cache: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
 _limit = [2 << 30]  # bytes; a list so the setter needs no global statement
@@ -108,16 +110,26 @@ class TapeArena:
         self._key = (self.shape, self.dtype.str)
         self._block: np.ndarray | None = None
         self._next = 0
+        # The last few arrays kept and their rows: a solver's record may keep the same
+        # forward array at two steps (e.g. as "after" and then as "before", or a constant
+        # like BiCGSTAB's shadow residual), and it is copied once. Forward states are never
+        # modified in place, so identity means equal contents; the references held here
+        # keep the identities valid.
+        self._recent: list[tuple[Any, np.ndarray]] = []
 
     def keep(self, a: Any) -> Any:
         """A copy of ``a`` in the next free row (``a`` itself if its shape/dtype differ)."""
         if not isinstance(a, np.ndarray) or a.shape != self.shape or a.dtype != self.dtype:
             return a
+        for source, row in self._recent:
+            if source is a:
+                return row
         if self._block is None or self._next == self._rows:
             self._block, self._next = self._new_block(), 0
         row = self._block[self._next]
         self._next += 1
         np.copyto(row, a)
+        self._recent = [(a, row), *self._recent[: _RECENT - 1]]
         return row
 
     def _new_block(self) -> np.ndarray:

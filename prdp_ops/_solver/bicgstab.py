@@ -86,8 +86,10 @@ class BiCGSTAB(IterativeSolver):
         # The reverse needs the state before the step except x, and what the step made except
         # x' and r' (r' is the next step's "before"). Keeping t saves a matvec per reverse
         # step; M p' and M s are recomputed in the reverse.
-        kept_before = {k: v for k, v in before.items() if k != "x"}
-        kept_after = {k: after[k] for k in ("p", "v", "t", "rho", "alpha", "omega")}
+        # ops.keep copies each vector once: p', v', t are the next step's p, v, t, and r_hat
+        # is the same at every step.
+        kept_before = {k: ops.keep(v) for k, v in before.items() if k != "x"}
+        kept_after = {k: ops.keep(after[k]) for k in ("p", "v", "t", "rho", "alpha", "omega")}
         return (kept_before, kept_after)
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,

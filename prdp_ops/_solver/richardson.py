@@ -117,8 +117,9 @@ class StationaryIteration(IterativeSolver):
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
         # The iterates only (and a reference to the prepared P): the transposed iteration
-        # needs no other forward quantity.
-        return (before["x"], after["x"], before.get("P"))
+        # needs no other forward quantity. ops.keep copies each iterate once (x' of this
+        # step is the next step's x).
+        return (ops.keep(before["x"]), ops.keep(after["x"]), before.get("P"))
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
