@@ -109,6 +109,10 @@ class ArrayOps:
         """Return ``a * y``; may overwrite ``y`` with it (functional here)."""
         return a * y
 
+    def set_at_(self, a: Any, index: Any, value: Any) -> Any:
+        """Return ``a`` with ``a[index] = value``; may write into ``a`` (functional here)."""
+        return self.set_at(a, index, value)
+
     def keep(self, a: Any) -> Any:
         """Return an array equal to ``a`` for a forward tape to hold (``solver.record``).
 
@@ -170,6 +174,10 @@ class NumpyOps(ArrayOps):
         y += a * x
         return y
 
+    def set_at_(self, a: Any, index: Any, value: Any) -> Any:
+        a[index] = value
+        return a
+
     def scale_(self, y: Any, a: Any) -> Any:
         if not _fits_in_place(y, a):
             return a * y
@@ -179,7 +187,8 @@ class NumpyOps(ArrayOps):
     def safe_divide(self, num: Any, den: Any) -> Any:
         # Scalars (step lengths) are the common case: a plain branch is much cheaper than
         # the masked array expression, which matters for small problems.
-        if np.ndim(den) == 0 and np.ndim(num) == 0:
+        if np.ndim(den) == 0:
+            # Also a vector over a scalar (GMRES's new basis vector): one pass, not five.
             return num / den if den != 0 else num * 0
         return super().safe_divide(num, den)
 
