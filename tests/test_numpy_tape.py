@@ -1,0 +1,179 @@
+"""The NumPy driver's reusable tape memory and the in-place ops the reverse sweeps use.
+
+The tape cache (``prdp_ops.backends.numpy``) must change nothing but speed: gradients equal
+bit for bit those of a tape in fresh memory, and nothing a caller holds -- a result, a
+cotangent, a vjp not yet called, a deferred cotangent of ``A`` -- is overwritten by a later
+solve that reuses the memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import tracemalloc
+
+import numpy as np
+import pytest
+from helpers import poisson_2d, random_vector
+from prdp_ops.backends import numpy as pnp
+
+import prdp_ops as po
+from prdp_ops._array_ops import ArrayOps, NumpyOps
+
+SOLVERS = [("cg", {}), ("bicgstab", {}), ("jacobi", {"omega": 0.8}), ("gmres", {"restart": 5})]
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """Each test starts and ends with an empty cache and the default limit."""
+    pnp.clear_tape_cache()
+    limit = pnp.tape_cache_limit()
+    yield
+    pnp.set_tape_cache_limit(limit)
+    pnp.clear_tape_cache()
+
+
+def _unrolled(A, b, solver, options, x_bar, K=25):
+    result, vjp = po.solve_vjp(A, b, solver, adjoint="unrolled", rtol=0.0, atol=0.0,
+                               maxiter=K, **options)
+    return result, vjp
+
+
+@pytest.mark.parametrize(("solver", "options"), SOLVERS)
+def test_reused_tape_gives_identical_gradients(solver, options):
+    A = poisson_2d(12)
+    b, x_bar = random_vector(144, seed=1), random_vector(144, seed=2)
+    pnp.set_tape_cache_limit(0)  # every tape in fresh memory: the reference
+    _, vjp = _unrolled(A, b, solver, options, x_bar)
+    ref = vjp(x_bar)
+    ref_b, ref_A = ref.b.copy(), ref.A.toarray()
+    pnp.set_tape_cache_limit(1 << 30)
+    for _ in range(3):  # the second and third calls reuse the first one's blocks
+        _, vjp = _unrolled(A, b, solver, options, x_bar)
+        cot = vjp(x_bar)
+        np.testing.assert_array_equal(cot.b, ref_b)
+        np.testing.assert_array_equal(cot.A.toarray(), ref_A)
+        del vjp, cot
+    gc.collect()
+    before = pnp.cached_tape_bytes()
+    _, vjp = _unrolled(A, b, solver, options, x_bar)
+    vjp(x_bar)
+    assert pnp.cached_tape_bytes() == before  # reused, not grown
+
+
+def test_tape_blocks_are_reused_across_calls():
+    A = poisson_2d(16)
+    b, x_bar = random_vector(256, seed=3), random_vector(256, seed=4)
+    _, vjp = _unrolled(A, b, "cg", {}, x_bar, K=40)
+    vjp(x_bar)
+    del vjp
+    cached = pnp.cached_tape_bytes()
+    assert cached > 0
+    for _ in range(3):
+        _, vjp = _unrolled(A, b, "cg", {}, x_bar, K=40)
+        vjp(x_bar)
+        del vjp
+        assert pnp.cached_tape_bytes() == cached
+
+
+@pytest.mark.parametrize(("solver", "options"), SOLVERS)
+def test_later_solves_never_overwrite_what_a_caller_holds(solver, options):
+    A = poisson_2d(10)
+    b1, b2 = random_vector(100, seed=5), random_vector(100, seed=6)
+    x_bar = random_vector(100, seed=7)
+    pnp.set_tape_cache_limit(0)
+    ref_result, ref_vjp = _unrolled(A, b1, solver, options, x_bar)
+    ref = ref_vjp(x_bar)
+    ref_x, ref_b, ref_A = ref_result.x.copy(), ref.b.copy(), ref.A.toarray()
+    pnp.set_tape_cache_limit(1 << 30)
+
+    result, vjp = _unrolled(A, b1, solver, options, x_bar)
+    cot = vjp(x_bar)
+    held_vjp = _unrolled(A, b1, solver, options, x_bar)[1]  # not called yet
+    deferred = _unrolled(A, b1, solver, options, x_bar)[1](x_bar)  # .A not asked for yet
+    # Solves with another b, which reuse whatever memory is free.
+    for _ in range(3):
+        _, other = _unrolled(A, b2, solver, options, x_bar)
+        other(x_bar).A  # noqa: B018 (computes the deferred cotangent)
+        del other
+        gc.collect()
+    np.testing.assert_array_equal(result.x, ref_x)
+    np.testing.assert_array_equal(cot.b, ref_b)
+    np.testing.assert_array_equal(cot.A.toarray(), ref_A)
+    held = held_vjp(x_bar)
+    np.testing.assert_array_equal(held.b, ref_b)
+    np.testing.assert_array_equal(held.A.toarray(), ref_A)
+    np.testing.assert_array_equal(deferred.A.toarray(), ref_A)
+    # A vjp may be called twice: the reverse sweep does not modify its tape.
+    np.testing.assert_array_equal(held_vjp(x_bar).b, ref_b)
+
+
+def test_clear_tape_cache_frees_the_memory():
+    A = poisson_2d(32)
+    b, x_bar = random_vector(1024, seed=8), random_vector(1024, seed=9)
+    tracemalloc.start()
+    try:
+        _, vjp = _unrolled(A, b, "cg", {}, x_bar, K=60)
+        vjp(x_bar)
+        del vjp
+        gc.collect()
+        cached = pnp.cached_tape_bytes()
+        assert cached >= 3 * 60 * 1024 * 8  # CG keeps three vectors per iteration
+        held, _ = tracemalloc.get_traced_memory()
+        pnp.clear_tape_cache()
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert pnp.cached_tape_bytes() == 0
+    assert freed >= cached
+
+
+def test_cache_limit_is_respected_and_validated():
+    A = poisson_2d(16)
+    b, x_bar = random_vector(256, seed=10), random_vector(256, seed=11)
+    assert pnp.set_tape_cache_limit(0) == 2 << 30  # the documented default
+    _, vjp = _unrolled(A, b, "cg", {}, x_bar, K=40)
+    vjp(x_bar)
+    assert pnp.cached_tape_bytes() == 0
+    pnp.set_tape_cache_limit(1 << 30)
+    _, vjp = _unrolled(A, b, "cg", {}, x_bar, K=40)
+    vjp(x_bar)
+    del vjp
+    gc.collect()
+    assert pnp.cached_tape_bytes() > 0
+    pnp.set_tape_cache_limit(0)  # lowering the limit drops the free blocks
+    assert pnp.cached_tape_bytes() == 0
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes"):
+            pnp.set_tape_cache_limit(bad)
+
+
+def test_in_place_ops_reuse_private_buffers_and_agree_with_the_functional_ones():
+    ops, functional = NumpyOps(), ArrayOps(np)
+    rng = np.random.default_rng(12)
+    x, y0 = rng.standard_normal(50), rng.standard_normal(50)
+    for a in (np.float64(0.3), 1, -1, np.float64(-2.5)):
+        y = y0.copy()
+        out = ops.axpy_(y, a, x)
+        assert out is y
+        np.testing.assert_array_equal(out, functional.axpy_(y0, a, x))
+        np.testing.assert_array_equal(y0 + a * x, functional.axpy_(y0, a, x))
+    y = y0.copy()
+    assert ops.scale_(y, np.float64(0.5)) is y
+    np.testing.assert_array_equal(y, 0.5 * y0)
+    # A result of another dtype or shape is a new array, and y is left as it was.
+    y32 = y0.astype(np.float32)
+    out = ops.axpy_(y32, np.complex128(1j), x)
+    assert out.dtype == np.complex128 and out is not y32
+    np.testing.assert_array_equal(y32, y0.astype(np.float32))
+    V = np.zeros((3, 4))
+    assert ops.set_at_(V, 1, np.ones(4)) is V and V[1].sum() == 4
+    # The functional flavour (what JAX and CuPy inherit) never writes into y.
+    y = y0.copy()
+    assert functional.axpy_(y, 2.0, x) is not y and functional.set_at_(V, 0, 1.0) is not V
+    np.testing.assert_array_equal(y, y0)
+
+
+def test_keep_is_the_identity_outside_the_numpy_tape():
+    a = np.arange(3.0)
+    assert ArrayOps(np).keep(a) is a and NumpyOps().keep(a) is a
