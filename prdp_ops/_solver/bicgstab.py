@@ -71,10 +71,12 @@ class BiCGSTAB(IterativeSolver):
         # (the stabilising step stalls, and the next beta would divide by it), while the
         # residual is not yet zero: the recurrence cannot continue.
         lost = xp.logical_or(rho_new == 0, rv == 0)
-        stalled = xp.logical_and(omega == 0, ops.norm(s) > 0)
+        # With omega' = 0, r' = s, so ||r'|| stands for ||s|| (one pass fewer per step).
+        rnorm = ops.norm(r)
+        stalled = xp.logical_and(omega == 0, rnorm > 0)
         breakdown = xp.logical_and(xp.logical_or(lost, stalled), state["rnorm"] > 0)
         return {"x": x, "r": r, "r_hat": r_hat, "p": p, "v": v, "t": t, "rho": rho_new,
-                "alpha": alpha, "omega": omega, "rnorm": ops.norm(r), "breakdown": breakdown}
+                "alpha": alpha, "omega": omega, "rnorm": rnorm, "breakdown": breakdown}
 
     # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
     # Cotangents follow JAX's convention. For s = <a, b> = sum(conj(a) b):
@@ -94,7 +96,11 @@ class BiCGSTAB(IterativeSolver):
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
-        # conj is a copy for real arrays; skip it there (the reverse runs once per step).
+        # The cotangents in state_bar (except x_bar, which passes through) and the arrays
+        # made here are private to the sweep, so they are updated in place (ops.axpy_/scale_,
+        # functional on JAX). Never written: x_bar, the tape's vectors, products returned
+        # by ctx (an identity M returns its argument), and an array once recorded by
+        # ctx.matvec_T.
         conj = ops.conj
         before, after = record
         r, r_hat, p_old, v_old = before["r"], before["r_hat"], before["p"], before["v"]
@@ -105,16 +111,14 @@ class BiCGSTAB(IterativeSolver):
         ratio_rho = ops.safe_divide(rho_new, rho)
         ratio_ao = ops.safe_divide(alpha_old, omega_old)
         beta = ratio_rho * ratio_ao
-        w = p_old - omega_old * v_old
         p_hat = precondition(M, p)
         rv = ops.vdot(r_hat, v)
-        s = r - alpha * v
+        s = ops.axpy_(-alpha * v, 1, r)  # s = r - alpha' v'
         s_hat = precondition(M, s)
         tt = ops.vdot(t, t)
 
         x_bar = cotangent(state_bar, "x", r)
         r_bar_new = cotangent(state_bar, "r", r)
-        t_bar = cotangent(state_bar, "t", r)
         omega_bar = cotangent(state_bar, "omega", omega)
         alpha_bar = cotangent(state_bar, "alpha", alpha)
         rho_new_bar = cotangent(state_bar, "rho", rho)
@@ -122,41 +126,42 @@ class BiCGSTAB(IterativeSolver):
         p_bar_new = cotangent(state_bar, "p", r)
         r_hat_bar = cotangent(state_bar, "r_hat", r)
 
-        # r' = s - omega' t
-        s_bar = r_bar_new
-        t_bar = t_bar - omega * r_bar_new
+        # r' = s - omega' t   (s_bar takes over r_bar's buffer)
+        t_bar = -omega * r_bar_new
+        if state_bar.get("t") is not None:
+            t_bar = ops.axpy_(t_bar, 1, state_bar["t"])
         omega_bar = omega_bar - ops.dot(r_bar_new, t)
+        s_bar = r_bar_new
         # x' = x + alpha' p_hat + omega' s_hat
         alpha_bar = alpha_bar + ops.dot(x_bar, p_hat)
         omega_bar = omega_bar + ops.dot(x_bar, s_hat)
-        p_hat_bar = alpha * x_bar
-        s_hat_bar = omega * x_bar
         # omega' = ts / tt
         ts_bar = ops.safe_divide(omega_bar, tt)
         tt_bar = -omega_bar * ops.safe_divide(omega, tt)
-        # ts = <t, s>,  tt = <t, t>
-        t_bar = t_bar + conj(s * ts_bar) + conj(t * tt_bar) + conj(t) * tt_bar
-        s_bar = s_bar + conj(t) * ts_bar
-        # t = A s_hat ;  s_hat = M s
-        s_hat_bar = s_hat_bar + ctx.matvec_T(s_hat, t_bar)
-        s_bar = s_bar + precondition_T(M, ctx, s_hat_bar)
+        # ts = <t, s>,  tt = <t, t>:  t_bar += conj(s ts_bar) + conj(t) 2 Re(tt_bar),
+        # s_bar += conj(t) ts_bar
+        t_bar = ops.axpy_(t_bar, conj(ts_bar), conj(s))
+        t_bar = ops.axpy_(t_bar, 2 * ops.xp.real(tt_bar), conj(t))
+        s_bar = ops.axpy_(s_bar, ts_bar, conj(t))
+        # t = A s_hat ;  s_hat = M s ;  s_hat_bar = omega' x_bar + A^T t_bar
+        s_hat_bar = ops.axpy_(omega * x_bar, 1, ctx.matvec_T(s_hat, t_bar))
+        s_bar = ops.axpy_(s_bar, 1, precondition_T(M, ctx, s_hat_bar))
         # s = r - alpha' v'
-        r_bar = s_bar
         alpha_bar = alpha_bar - ops.dot(s_bar, v)
-        v_bar = v_bar - alpha * s_bar
+        v_bar = ops.axpy_(v_bar, -alpha, s_bar)
         # alpha' = rho' / rv
         rho_new_bar = rho_new_bar + ops.safe_divide(alpha_bar, rv)
         rv_bar = -alpha_bar * ops.safe_divide(alpha, rv)
         # rv = <r_hat, v'>
-        r_hat_bar = r_hat_bar + conj(v * rv_bar)
-        v_bar = v_bar + conj(r_hat) * rv_bar
-        # v' = A p_hat ;  p_hat = M p'
-        p_hat_bar = p_hat_bar + ctx.matvec_T(p_hat, v_bar)
-        p_bar_new = p_bar_new + precondition_T(M, ctx, p_hat_bar)
-        # p' = r + beta w,  w = p - omega v
-        r_bar = r_bar + p_bar_new
-        beta_bar = ops.dot(p_bar_new, w)
-        w_bar = beta * p_bar_new
+        r_hat_bar = ops.axpy_(r_hat_bar, conj(rv_bar), conj(v))
+        v_bar = ops.axpy_(v_bar, rv_bar, conj(r_hat))
+        # v' = A p_hat ;  p_hat = M p' ;  p_hat_bar = alpha' x_bar + A^T v_bar
+        p_hat_bar = ops.axpy_(alpha * x_bar, 1, ctx.matvec_T(p_hat, v_bar))
+        p_bar_new = ops.axpy_(p_bar_new, 1, precondition_T(M, ctx, p_hat_bar))
+        # p' = r + beta w,  w = p - omega v  (beta_bar = <p_bar', w> as two products)
+        r_bar = ops.axpy_(s_bar, 1, p_bar_new)
+        beta_bar = ops.dot(p_bar_new, p_old) - omega_old * ops.dot(p_bar_new, v_old)
+        w_bar = ops.scale_(p_bar_new, beta)
         p_bar = w_bar
         v_bar_old = -omega_old * w_bar
         omega_bar_old = -ops.dot(w_bar, v_old)
@@ -168,8 +173,8 @@ class BiCGSTAB(IterativeSolver):
         alpha_bar_old = ops.safe_divide(ratio_ao_bar, omega_old)
         omega_bar_old = omega_bar_old - ratio_ao_bar * ops.safe_divide(ratio_ao, omega_old)
         # rho' = <r_hat, r>
-        r_hat_bar = r_hat_bar + conj(r * rho_new_bar)
-        r_bar = r_bar + conj(r_hat) * rho_new_bar
+        r_hat_bar = ops.axpy_(r_hat_bar, conj(rho_new_bar), conj(r))
+        r_bar = ops.axpy_(r_bar, rho_new_bar, conj(r_hat))
         return {"x": x_bar, "r": r_bar, "r_hat": r_hat_bar, "p": p_bar, "v": v_bar_old,
                 "rho": rho_bar, "alpha": alpha_bar_old, "omega": omega_bar_old}
 
