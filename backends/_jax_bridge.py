@@ -58,6 +58,7 @@ from prdp_ops.backends import _jax_driver as driver
 
 import prdp_ops as po
 from prdp_ops import _solve as core
+from prdp_ops import _solve_args as solve_args
 from prdp_ops._array_ops import array_backend_name
 from prdp_ops._operators.base import LinearOperator
 from prdp_ops._solver.base import IterativeSolver
@@ -158,7 +159,7 @@ def _host_operator(A: Any, name: str, probe: bool = True) -> _HostOperator:
             "po.LinearOperator (e.g. po.FunctionOperator for a NumPy function), or use "
             "backend='jax'"
         )
-    op = core._as_operator(A, name)  # the core's checks and messages
+    op = solve_args.as_operator(A, name)  # the core's checks and messages
     if probe:
         _probe_matvec(op, name)
     return _HostOperator("constant", op.shape, op.dtype, {}, (), A)

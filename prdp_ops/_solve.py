@@ -28,17 +28,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from prdp_ops import _solve_block  # reads this module's helpers at call time
-from prdp_ops._array_ops import ArrayOps, ops_for
+from prdp_ops._array_ops import ops_for
 from prdp_ops._operators.base import LinearOperator
-from prdp_ops._operators.convert import aslinearoperator
 from prdp_ops._solution import Cotangents, SolveResult
+from prdp_ops._solve_args import (
+    as_array,
+    as_operator,
+    block_columns,
+    check_callback,
+    check_choice,
+    check_count,
+    check_tolerance,
+    check_vector,
+    copying,
+    solve_dtype,
+)
 from prdp_ops._solver.base import IterativeSolver
 from prdp_ops._solver.registry import resolve_solver
 from prdp_ops.backends import numpy as numpy_backend
@@ -47,115 +57,6 @@ __all__ = ["solve", "solve_vjp"]
 
 ADJOINT_MODES = ("implicit", "unrolled", "none")
 FAILURE_POLICIES = ("warn", "raise", "ignore")
-
-
-# -- argument checking ----------------------------------------------------------------------
-def _as_operator(A: Any, name: str = "A") -> LinearOperator:
-    try:
-        op = aslinearoperator(A)
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{name}: {err}") from None
-    if not op.is_square:
-        raise ValueError(
-            f"{name} must be square for a linear solve; got shape {op.shape}. For a "
-            "least-squares problem solve the normal equations (A^H A x = A^H b) instead"
-        )
-    return op
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative int; got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int; got {value}")
-    return int(value)
-
-
-def _check_tolerance(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number >= 0; got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
-    return float(value)
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}; got {value!r}")
-    return value
-
-
-def _solve_dtype(op: LinearOperator, b: Any, solver: IterativeSolver) -> Any:
-    dtype = np.result_type(op.dtype, b.dtype, np.float32)
-    if np.issubdtype(b.dtype, np.integer) or np.issubdtype(op.dtype, np.integer):
-        dtype = np.result_type(dtype, np.float64)
-    if np.issubdtype(dtype, np.complexfloating) and not solver.supports_complex:
-        raise TypeError(
-            f"solver {solver.name!r} does not support complex data (dtype {dtype}); use "
-            "'gmres', 'bicgstab' or 'cg' (Hermitian A), or split into real and imaginary parts"
-        )
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.complexfloating)):
-        raise TypeError(f"A and b must be numeric; got dtypes {op.dtype} and {b.dtype}")
-    return dtype
-
-
-def _as_array(v: Any) -> Any:
-    """Arrays as they are; lists, tuples and scalars through ``np.asarray`` (as for ``b``)."""
-    return v if hasattr(v, "shape") else np.asarray(v)
-
-
-def _block_columns(b: Any) -> int | None:
-    """``k`` for a block of right-hand sides ``b`` of shape ``(n, k)``, ``k != 1``; None for
-    one right-hand side (``(n,)``, or ``(n, 1)`` as in SciPy)."""
-    shape = getattr(b, "shape", ())
-    return shape[1] if len(shape) == 2 and shape[1] != 1 else None
-
-
-def _check_vector(ops: ArrayOps, v: Any, n: int, name: str, dtype: Any, *,
-                  check_finite: bool = True, copy: bool = False,
-                  columns: int | None = None) -> Any:
-    """``v`` as a 1-D array of ``dtype``: shape ``(n,)`` or ``(n, 1)``, finite unless
-    ``check_finite`` is off (then a NaN is left to the driver, which reports it in the
-    result). ``copy=True`` returns an array the caller's ``v`` does not share.
-    ``columns=k``: ``v`` belongs to a block of ``k`` right-hand sides and must be ``(n, k)``
-    (kept 2-D)."""
-    shape = getattr(v, "shape", None)
-    wrong = (shape[0] != n if columns is not None and name == "b"
-             else shape != (n, columns) if columns is not None
-             else shape not in ((n,), (n, 1)))
-    if wrong and columns is not None and name != "b":
-        raise ValueError(
-            f"{name} must have shape ({n}, {columns}) to match b's block of {columns} "
-            f"right-hand sides; got shape {shape}"
-        )
-    if wrong:
-        raise ValueError(
-            f"{name} must have shape ({n},) or ({n}, 1) to match A of shape ({n}, {n}), or "
-            f"({n}, k) for a block of k right-hand sides (b too); got shape {shape}"
-        )
-    v = v.astype(dtype, copy=copy) if columns is not None else v.reshape(-1).astype(
-        dtype, copy=copy)
-    if check_finite and not bool(ops.is_finite(v)):
-        raise ValueError(f"{name} contains NaN or inf; pass finite values")
-    return v
-
-
-def _check_callback(value: Any, name: str) -> Callable | None:
-    if value is not None and not callable(value):
-        raise TypeError(
-            f"{name} must be a function called as {name}(xk) after every iteration, or None; "
-            f"got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
-def _copying(callback: Callable | None, shape: tuple[int, ...]) -> Callable | None:
-    """``callback`` fed a copy of each iterate in ``b``'s shape: the caller may keep or
-    modify what it receives without touching the solver's state (SciPy hands out the live
-    array)."""
-    if callback is None:
-        return None
-    return lambda xk: callback(xk.reshape(shape).copy())
 
 
 class _Problem:
@@ -173,30 +74,30 @@ class _Problem:
                  solver_options: dict[str, Any], *, check_finite: bool = True) -> None:
         self.solver = resolve_solver(solver, solver_options)
         self.check_finite = check_finite
-        self.A = _as_operator(A)
+        self.A = as_operator(A)
         n = self.A.shape[0]
-        b = _as_array(b)
-        x0 = None if x0 is None else _as_array(x0)
+        b = as_array(b)
+        x0 = None if x0 is None else as_array(x0)
         self.ops = ops_for(b, x0, *self.A.parameters().values())
-        self.dtype = _solve_dtype(self.A, b, self.solver)
+        self.dtype = solve_dtype(self.A, b, self.solver)
         #: ``k`` for a block of right-hand sides (``b`` of shape ``(n, k)``), else None.
-        self.columns = _block_columns(b)
-        self.b = _check_vector(self.ops, b, n, "b", self.dtype, check_finite=check_finite,
+        self.columns = block_columns(b)
+        self.b = check_vector(self.ops, b, n, "b", self.dtype, check_finite=check_finite,
                                copy=True, columns=self.columns)
         self.b_shape = tuple(b.shape)
         self.x0 = (self.ops.xp.zeros(self.b.shape, dtype=self.dtype) if x0 is None
-                   else _check_vector(self.ops, x0, n, "x0", self.dtype,
+                   else check_vector(self.ops, x0, n, "x0", self.dtype,
                                       check_finite=check_finite, copy=True,
                                       columns=self.columns))
         # The default initial guess (zeros) gets a cotangent shaped like the solution.
         self.x0_shape = self.b_shape if x0 is None else tuple(x0.shape)
         # Read once (a device-to-host sync on GPUs): the tolerance and the x = 0 rule use it.
         self.bnorm = self.ops.to_float(self.ops.norm(self.b))
-        self.maxiter = 10 * n if maxiter is None else _check_count(maxiter, "maxiter")
-        self.rtol = _check_tolerance(rtol, "rtol")
-        self.atol = _check_tolerance(atol, "atol")
-        self.on_failure = _check_choice(on_failure, "on_failure", FAILURE_POLICIES)
-        self.check_every = _check_count(check_every, "check_every") or 1
+        self.maxiter = 10 * n if maxiter is None else check_count(maxiter, "maxiter")
+        self.rtol = check_tolerance(rtol, "rtol")
+        self.atol = check_tolerance(atol, "atol")
+        self.on_failure = check_choice(on_failure, "on_failure", FAILURE_POLICIES)
+        self.check_every = check_count(check_every, "check_every") or 1
         self.M = None
         if M is not None:
             if not self.solver.supports_preconditioner:
@@ -204,7 +105,7 @@ class _Problem:
                     f"solver {self.solver.name!r} takes no preconditioner M; use 'cg', "
                     "'gmres', 'bicgstab', 'richardson' or 'steepest_descent' with M"
                 )
-            self.M = _as_operator(M, "M")
+            self.M = as_operator(M, "M")
             if self.M.shape != self.A.shape:
                 raise ValueError(f"M must have A's shape {self.A.shape}; got {self.M.shape}")
 
@@ -230,7 +131,7 @@ class _Problem:
         return numpy_backend.run_solver(
             self.solver, self.ops, self.A, self.b, self.x0, self.M,
             maxiter=self.maxiter, tol=tol, stop_on_convergence=tol > 0,
-            callback=_copying(callback, self.b_shape), keep_tape=keep_tape,
+            callback=copying(callback, self.b_shape), keep_tape=keep_tape,
             check_every=self.check_every, on_failure=self.on_failure,
         )
 
@@ -266,8 +167,9 @@ def solve(
     A
         The operator: anything :func:`prdp_ops.aslinearoperator` takes.
     b
-        Right-hand side, shape ``(n,)`` or ``(n, 1)``; numpy or cupy (jax arrays work but
-        ``prdp_ops.backends.jax.solve`` is the fast path for them).
+        Right-hand side, shape ``(n,)`` or ``(n, 1)``, or a block of ``k`` right-hand sides,
+        shape ``(n, k)``, each column solved on its own (see Returns); numpy or cupy (jax
+        arrays work but ``prdp_ops.backends.jax.solve`` is the fast path for them).
     solver
         A registered name (see :func:`prdp_ops.available_solvers`) or a solver instance.
     x0
@@ -293,11 +195,15 @@ def solve(
 
     Returns
     -------
-    SolveResult
+    SolveResult or BlockSolveResult
         ``x`` (in ``b``'s shape, an array of the caller's own), ``converged``,
         ``iterations``, ``residual_norms``, ``status``, ``info``. An empty system (``n =
         0``) and, as in SciPy, ``b = 0`` with a tolerance are solved by ``x = 0`` in 0
-        iterations.
+        iterations. For ``b`` of shape ``(n, k)`` a :class:`~prdp_ops.BlockSolveResult`,
+        one entry per column (column ``j`` is the solve of ``b[:, j]`` with its own
+        tolerance ``max(rtol ||b_j||, atol)``); solvers with ``supports_column_blocks``
+        step the whole block in one loop (one product of ``A`` with ``k`` columns per
+        iteration), the others solve the columns in turn.
 
     Raises
     ------
@@ -314,7 +220,7 @@ def solve(
     prdp_ops.backends.jax.solve : the solve as a JAX function, differentiable with
         ``jax.grad`` under ``jit`` and ``vmap``.
     """
-    callback = _check_callback(callback, "callback")
+    callback = check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
     if problem.columns is not None:
@@ -361,6 +267,9 @@ def solve_vjp(
     Returns
     -------
     (SolveResult, vjp)
+        For ``b`` of shape ``(n, k)``: a :class:`~prdp_ops.BlockSolveResult`, and the
+        cotangents of the columns (``.A`` summed over them; implicit mode solves the ``k``
+        adjoint systems as one block).
         ``vjp(x_bar, *, adjoint_x0=None) -> Cotangents`` with ``.b`` (in ``b``'s shape),
         ``.x0`` (in ``x0``'s shape; ``b``'s when ``x0`` was not given), ``.A`` and, in
         implicit mode, ``.adjoint_result``. ``.x0`` is the exact derivative of the
@@ -374,8 +283,8 @@ def solve_vjp(
     ``x_bar`` are copied on entry: modifying any of them in place changes no gradient.
     ``A`` is referenced, not copied; do not modify it in place before calling ``vjp``.
     """
-    adjoint = _check_choice(adjoint, "adjoint", ADJOINT_MODES)
-    callback = _check_callback(callback, "callback")
+    adjoint = check_choice(adjoint, "adjoint", ADJOINT_MODES)
+    callback = check_callback(callback, "callback")
     problem = _Problem(A, b, solver, x0, maxiter, rtol, atol, M, on_failure, check_every,
                        solver_options)
     if adjoint == "unrolled" and not problem.solver.supports_unrolled_numpy:
@@ -404,7 +313,7 @@ def _check_cotangent(problem: _Problem, x_bar: Any) -> Any:
     """``x_bar`` as a private 1-D copy (the reverse sweep may keep it; the caller may
     modify theirs)."""
     n = problem.A.shape[0]
-    x_bar = _as_array(x_bar)
+    x_bar = as_array(x_bar)
     if getattr(x_bar, "shape", None) not in ((n,), (n, 1)):
         raise ValueError(
             f"x_bar must have the solution's shape {problem.b_shape} (or ({n},)); got shape "
@@ -459,9 +368,9 @@ def _adjoint_problem(problem: _Problem, solver: Any, maxiter: Any, rtol: Any,
                      atol: Any) -> _AdjointSettings:
     return _AdjointSettings(
         solver=problem.solver if solver is None else resolve_solver(solver, {}),
-        maxiter=problem.maxiter if maxiter is None else _check_count(maxiter, "adjoint_maxiter"),
-        rtol=problem.rtol if rtol is None else _check_tolerance(rtol, "adjoint_rtol"),
-        atol=problem.atol if atol is None else _check_tolerance(atol, "adjoint_atol"),
+        maxiter=problem.maxiter if maxiter is None else check_count(maxiter, "adjoint_maxiter"),
+        rtol=problem.rtol if rtol is None else check_tolerance(rtol, "adjoint_rtol"),
+        atol=problem.atol if atol is None else check_tolerance(atol, "adjoint_atol"),
         M_H=None if problem.M is None else problem.M.H,
     )
 
@@ -495,7 +404,7 @@ def _implicit_vjp(problem: _Problem, adj: _AdjointSettings, x: Any) -> Callable[
             scale = 1.0
         rhs = conj(x_bar) / scale
         mu0 = (xp.zeros_like(rhs) if adjoint_x0 is None
-               else conj(_check_vector(ops, _as_array(adjoint_x0), rhs.shape[0], "adjoint_x0",
+               else conj(check_vector(ops, as_array(adjoint_x0), rhs.shape[0], "adjoint_x0",
                                        problem.dtype)) / scale)
         rhs_norm = ops.to_float(ops.norm(rhs))
         tol = (max(adj.rtol * rhs_norm, adj.atol / scale) if math.isfinite(rhs_norm)

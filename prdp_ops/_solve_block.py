@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from prdp_ops import _solve as core
+from prdp_ops import _solve_args as solve_args
 from prdp_ops._operators.base import add_cotangents
 from prdp_ops._solution import BlockSolveResult, Cotangents, Status
 from prdp_ops.backends import _numpy_block as block_backend
@@ -100,7 +100,7 @@ def _forward(problem: Any, *, keep_tape: bool = False,
         return None
     return _run(problem, problem.solver, problem.A, problem.b, problem.x0, problem.M,
                 maxiter=problem.maxiter, rtol=problem.rtol, atol=problem.atol,
-                keep_tape=keep_tape, callback=core._copying(callback, problem.b_shape))
+                keep_tape=keep_tape, callback=solve_args.copying(callback, problem.b_shape))
 
 
 def _user_result(problem: Any, run: block_backend.BlockRun | None) -> BlockSolveResult:
@@ -127,7 +127,7 @@ def solve_vjp(problem: Any, adjoint: str, adjoint_settings: Any,
 
 
 def _check_cotangent(problem: Any, x_bar: Any) -> Any:
-    x_bar = core._as_array(x_bar)
+    x_bar = solve_args.as_array(x_bar)
     if getattr(x_bar, "shape", None) != problem.b.shape:
         raise ValueError(
             f"x_bar must have the solution's shape {problem.b.shape}; got shape "
@@ -220,7 +220,7 @@ def _implicit_vjp(problem: Any, adj: Any, X: Any) -> Callable[..., Cotangents]:
         scale_dev = xp.asarray(scale, dtype=np.finfo(problem.dtype).dtype)
         rhs = conj(x_bar) / scale_dev
         mu0 = (xp.zeros_like(rhs) if adjoint_x0 is None
-               else conj(core._check_vector(ops, core._as_array(adjoint_x0), rhs.shape[0],
+               else conj(solve_args.check_vector(ops, solve_args.as_array(adjoint_x0), rhs.shape[0],
                                             "adjoint_x0", problem.dtype,
                                             columns=rhs.shape[1])) / scale_dev)
         run = _run(problem, adj.solver, A_H, rhs, mu0, adj.M_H, maxiter=adj.maxiter,
