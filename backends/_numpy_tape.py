@@ -107,6 +107,8 @@ class TapeArena:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         itemsize = max(self.dtype.itemsize * int(np.prod(self.shape)), 1)
         self._rows = int(min(max(_BLOCK_BYTES // itemsize, 1), _MAX_ROWS))
+        # Blocks grow geometrically up to that size (a short solve takes little).
+        self._grow = min(self._rows, 16)
         self._key = (self.shape, self.dtype.str)
         self._block: np.ndarray | None = None
         self._next = 0
@@ -124,7 +126,7 @@ class TapeArena:
         for source, row in self._recent:
             if source is a:
                 return row
-        if self._block is None or self._next == self._rows:
+        if self._block is None or self._next == len(self._block):
             self._block, self._next = self._new_block(), 0
         row = self._block[self._next]
         self._next += 1
@@ -134,11 +136,12 @@ class TapeArena:
 
     def _new_block(self) -> np.ndarray:
         blocks = _cache.setdefault(self._key, [])
+        rows, self._grow = self._grow, min(2 * self._grow, self._rows)
         for i in range(len(blocks)):
             # Free: no row of it is held (this arena's current block is not: it holds it).
             if _references(blocks, i) == _FREE:
                 return blocks[i]
-        block = np.empty((self._rows, *self.shape), dtype=self.dtype)
+        block = np.empty((rows, *self.shape), dtype=self.dtype)
         if cached_tape_bytes() + block.nbytes <= _limit[0]:
             blocks.append(block)
         return block
