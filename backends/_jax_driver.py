@@ -197,7 +197,8 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((tape.slots, *a.shape), a.dtype),
                                          tape.record_avals)
     elif tape is not None:
-        buffers = {k: jnp.zeros((tape.slots, *jnp.shape(state[k])), jnp.result_type(state[k]))
+        rows = tape.slots + (tape.every > 1)  # a checkpointed tape's spare row (see _push)
+        buffers = {k: jnp.zeros((rows, *jnp.shape(state[k])), jnp.result_type(state[k]))
                    for k in tape.keys}
     if tape is not None:
         limit = jnp.minimum(maxiter, tape.capacity)
@@ -306,13 +307,17 @@ def _finish(c: _Carry, stop_on_convergence: Any, tol: Any,
 
 
 def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict[str, Any]:
-    """Store ``state`` (the one before step ``index``) if it starts a checkpoint segment."""
+    """Store ``state`` (the one before step ``index``) if it starts a checkpoint segment.
+
+    A checkpointed tape has one spare row at its end that takes the states between
+    checkpoints: writing every state somewhere costs one row write per entry, where keeping
+    the row unchanged with a select would read and write it (twice the traffic).
+    """
     if tape.every == 1:
         return {k: buf.at[index].set(state[k]) for k, buf in buffers.items()}
-    keep = index % tape.every == 0
-    slot = index // tape.every
-    return {k: buf.at[slot].set(jnp.where(keep, state[k], buf[slot]))
-            for k, buf in buffers.items()}
+    spare = tape.slots
+    slot = jnp.where(index % tape.every == 0, index // tape.every, spare)
+    return {k: buf.at[slot].set(state[k]) for k, buf in buffers.items()}
 
 
 def _consumed(fn: Callable[[State], Any], state: State) -> set[str]:

@@ -95,10 +95,7 @@ class ReverseContext:
     def matvec_T(self, v: Any, y_bar: Any) -> Any:
         """Return ``A^T y_bar`` for a forward ``y = A v``; A's parameters get their share."""
         self.record_pair(v, y_bar)
-        A_T = transpose(self.A, y_bar)
-        if self.token is not None:
-            A_T = materialized(A_T, self.token)
-        return A_T.matvec(y_bar)
+        return transpose(self.A, y_bar).matvec(y_bar)
 
     def record_pair(self, v: Any, y_bar: Any, part: str = "full") -> None:
         """Add the parameter cotangent of ``y = A_part(p) v`` for ``y_bar`` (no product)."""
@@ -108,13 +105,36 @@ class ReverseContext:
         if own_param_vjp(self.A):
             own = self.A.param_vjp(v, y_bar, part)
             bar = {k: _like(own.get(k), p) for k, p in live.items()}
-        else:
-            def apply(sub: dict[str, Any]) -> Any:
-                return _part_matvec(self.rebuild({**self.params, **sub}), part, v)
+            self.params_bar = _tree_add(self.params_bar, bar)
+            return
 
-            _, pull = jax.vjp(apply, live)
-            (bar,) = pull(y_bar.astype(jax.eval_shape(apply, live).dtype))
+        def apply(sub: dict[str, Any], v: Any) -> Any:
+            return _part_matvec(self.rebuild({**self.params, **sub}), part, v)
+
+        # A real scalar parameter c (a coefficient) by forward mode: its cotangent is
+        # Re sum(y_bar * dy/dc), one product for the tangent dy/dc and one dot. The vjp
+        # would reduce over the product's shifted slices, which XLA:CPU writes out one by
+        # one (measured: more than a forward step for a stencil).
+        scalars = tuple(k for k, p in live.items() if _real_scalar(p))
+        tensors = {k: p for k, p in live.items() if k not in scalars}
+        bar = {}
+        for k in scalars:
+            def tangent(v: Any, k: str = k) -> Any:
+                one = {k: jnp.ones_like(live[k])}
+                return jax.jvp(lambda s: apply(s, v), ({k: live[k]},), (one,))[1]
+
+            dy = lax.cond(self.token >= 0, tangent, jnp.zeros_like, v) if self._split() \
+                else tangent(v)
+            bar[k] = jnp.real(jnp.sum(y_bar * dy)).astype(live[k].dtype).reshape(
+                jnp.shape(live[k]))
+        if tensors:
+            out, pull = jax.vjp(lambda t: apply(t, v), tensors)
+            bar.update(pull(y_bar.astype(out.dtype))[0])
         self.params_bar = _tree_add(self.params_bar, bar)
+
+    def _split(self) -> bool:
+        """Whether products go into a conditional branch of their own (see ``token``)."""
+        return self.token is not None and jax.default_backend() == "cpu"
 
     def precond_T(self, z_bar: Any) -> Any:
         """Return ``M^T z_bar`` for a forward ``z = M r`` (``M`` is a constant)."""
@@ -123,6 +143,10 @@ class ReverseContext:
     def add_b(self, b_bar: Any) -> None:
         """Accumulate a contribution to b's cotangent."""
         self.b_bar = self.b_bar + b_bar.astype(self.b_bar.dtype)
+
+
+def _real_scalar(param: Any) -> bool:
+    return jnp.size(param) == 1 and jnp.issubdtype(jnp.result_type(param), jnp.floating)
 
 
 def _like(cotangent: Any, param: Any) -> Any:

@@ -8,10 +8,11 @@
   ``A^T`` (its own solver, iteration limit and tolerances). Forward mode (``jax.jvp``,
   ``jax.jacfwd``), reverse mode (``jax.grad``) and their compositions (``jax.hessian``) all
   work (see :mod:`._jax_solve`).
-* ``adjoint="unrolled"`` -- the exact derivative of the iterations that ran, derived by JAX
-  from the solver's ``step``: the forward loop keeps the state before each step and the
-  reverse loop applies ``jax.vjp`` of one step at a time; forward mode is ``jax.jvp`` of the
-  loop. First derivatives only.
+* ``adjoint="unrolled"`` -- the exact derivative of the iterations that ran: the forward
+  loop keeps what each step's reverse needs and the reverse loop applies the solver's own
+  ``step_vjp`` (:mod:`._jax_unrolled`), or ``jax.vjp`` of one ``step`` at a time for a
+  solver without a traceable one; forward mode is ``jax.jvp`` of the loop. First
+  derivatives only.
 * ``adjoint="none"`` -- the solve is a constant (``stop_gradient``).
 
 ``maxiter``, ``rtol`` and ``atol`` may be traced, so a jitted training step compiles once
@@ -24,7 +25,8 @@ Dtypes follow ``jnp.linalg.solve``, strict promotion included.
 The implementation lives in private modules: :mod:`._jax_ops` (the ops namespace and the
 result), :mod:`._jax_operators` (operators from what the user passes), :mod:`._jax_args`
 (argument checks, dtypes, buffer sizes), :mod:`._jax_solve` (the differentiable core) and
-:mod:`._jax_driver` (the loop and the unrolled sweep).
+:mod:`._jax_driver` (the loop and the ``jax.vjp`` unrolled sweep), :mod:`._jax_unrolled`
+(the unrolled sweep from the solvers' own reverse steps).
 """
 
 from __future__ import annotations
@@ -123,21 +125,23 @@ def solve(
         ``-lambda`` for parameters); forward mode runs one tangent solve ``A dx = db - dA
         x`` per tangent, with the forward's settings. Exact at convergence; memory ``O(n)``;
         derivatives of any order (``jax.hessian``).
-        ``"unrolled"``: the exact derivative of the iterations that ran, derived by JAX from
-        the solver's ``step`` (a ``jax.vjp`` of one step at a time, not autodiff of the
-        loop); forward mode (``jax.jvp``, ``jax.jacfwd``) is ``jax.jvp`` of the same
-        iterations, and never runs in reverse mode. First derivatives only: a second
-        derivative raises ``NotImplementedError`` (use ``"implicit"`` for ``jax.hessian``).
-        Memory: one state per iteration, of the entries ``step`` reads (CG: ``r, p, x`` and
-        two scalars; XLA drops ``x``, which the reverse sweep does not need, so ``2 n``
-        numbers per iteration), for a static capacity of ``maxiter`` iterations (``max_steps``
-        when ``maxiter`` is traced),
+        ``"unrolled"``: the exact derivative of the iterations that ran. Reverse mode runs
+        the solver's own reverse step (``record``/``step_vjp``/``init_vjp``, as on NumPy)
+        where it runs traced (CG, BiCGSTAB, steepest descent, Richardson, Jacobi), else
+        ``jax.vjp`` of one ``step`` at a time (GMRES, user solvers without ``step_vjp``);
+        neither is autodiff of the loop. Forward mode (``jax.jvp``, ``jax.jacfwd``) is
+        ``jax.jvp`` of the same iterations, and never runs in reverse mode. First
+        derivatives only: a second derivative raises ``NotImplementedError`` (use
+        ``"implicit"`` for ``jax.hessian``).
+        Memory: one record per iteration (CG: ``r``, ``p`` and ``q = A p``, ``3 n``
+        numbers; the state entries ``step`` reads for the ``jax.vjp`` fallback), for a
+        static capacity of ``maxiter`` iterations (``max_steps`` when ``maxiter`` is traced),
         allocated whether or not the solve stops early; with ``checkpoint_every=c``,
-        ``maxiter / c + c`` states and one more forward pass. A tape the device cannot hold
-        raises a ``MemoryError`` (with its size) before anything is allocated. Each reverse
-        step re-evaluates its forward step, so the backward pass costs several forward
-        passes (see ``benchmarks/jax_vs_peers.py``), and less memory and time than
-        reverse-mode autodiff of a ``lax.scan`` of the same iterations.
+        ``maxiter / c`` states and ``c`` records, and one more forward pass. A tape the
+        device cannot hold raises a ``MemoryError`` (with its size) before anything is
+        allocated. The backward pass costs several forward passes (see
+        ``benchmarks/jax_vs_peers.py``), and less memory and time than reverse-mode autodiff
+        of a ``lax.scan`` of the same iterations.
         ``"none"``: no derivative (``stop_gradient``).
     adjoint_maxiter, adjoint_rtol, adjoint_atol, adjoint_solver
         The adjoint solve's own settings (default: the forward's).
@@ -158,7 +162,8 @@ def solve(
         ``"unrolled"`` only: keep every ``c``-th state and recompute the others during the
         backward pass. ``None`` (default): keep every state when ``maxiter`` (or
         ``max_steps``) is given and that tape takes at most an eighth of the device's
-        memory, else ``c = ceil(sqrt(K))`` for a capacity of ``K`` iterations (about
+        memory (on CPU: at most 32 MiB, as fresh memory costs more there than the extra
+        forward pass), else ``c = ceil(sqrt(K))`` for a capacity of ``K`` iterations (about
         ``2 sqrt(K)`` states), so the default ``maxiter = 10 n`` does not size a tape of
         ``10 n`` states.
     on_failure
