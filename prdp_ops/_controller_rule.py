@@ -59,7 +59,7 @@ RULES: tuple[str, ...] = ("fidelity", "plateau")
 #: is read with; they do not affect rule="plateau").
 DEFAULT_FIDELITY_TOL = 0.1
 DEFAULT_GROWTH = 2.0
-DEFAULT_FIDELITY_POWER = 1.0
+DEFAULT_FIDELITY_POWER = 0.0
 # The reason determines the decision, so the history stores only the reason.
 DECISION_OF: dict[str, Decision] = {
     reason: "refine" if reason in REFINE_REASONS else "stop" if reason == "no gain" else "hold"
@@ -297,8 +297,10 @@ class ControllerState(NamedTuple):
     fidelity measured at the current counts (``None`` when none was given since the last
     refinement); ``signal_seen`` whether any was ever given; ``first_ema`` the first check's
     average, the scale of the fidelity tolerance; ``fidelity_ema`` the average of the check
-    at which ``fidelity`` was given, from which the rule extrapolates it (rule ``"fidelity"``
-    only).
+    at which ``fidelity`` was given, from which the rule extrapolates it; ``level_start`` the
+    index of the first check at the current counts and ``measured_check`` the index of the
+    check that gave ``fidelity`` (``None`` with it), which space the measurements it asks for
+    (rule ``"fidelity"`` only).
     """
 
     checks: int
@@ -312,6 +314,8 @@ class ControllerState(NamedTuple):
     signal_seen: bool = False
     first_ema: float | None = None
     fidelity_ema: float | None = None
+    level_start: int = 0
+    measured_check: int | None = None
 
 
 class CheckRecord(NamedTuple):
@@ -375,8 +379,10 @@ def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
     A measurement costs solver work (two gradients, at ``k`` and ``k'``), so the rule asks for
     one only where it can change a decision: at the first check at new counts (none is known),
     and when the extrapolated fidelity at the last check came within a factor 2 of the
-    tolerance (the next check's decision could flip). Never at both caps, and never under the
-    paper's rule.
+    tolerance (the next check's decision could flip) -- then once the checks since the last
+    measurement reach half the checks spent at these counts, so that a level held for ``N``
+    checks costs ``O(log N)`` measurements and a change is seen within half the level's age.
+    Never at both caps, and never under the paper's rule.
     """
     if hp.rule != "fidelity" or (
             state.k == next_count(hp, state.k, hp.k_step, hp.k_max)
@@ -388,7 +394,11 @@ def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
     ema = state.recent_emas[-1]
     first = ema if state.first_ema is None else state.first_ema
     predicted = predicted_fidelity(state.fidelity, state.fidelity_ema, ema)
-    return predicted > 0.5 * tolerance(hp, ema, first)
+    if predicted <= 0.5 * tolerance(hp, ema, first):
+        return False
+    measured = state.level_start if state.measured_check is None else state.measured_check
+    # Checks at these counts, the next one included, against those since the measurement.
+    return 2 * (state.checks - measured) >= state.checks + 1 - state.level_start
 
 
 def _ratio(now: float, past: float) -> float:
@@ -435,10 +445,11 @@ def update(
         residual <= hp.residual_tol
     )
     plateau = state.checks >= hp.lookback and _ratio(ema, recent[0]) > hp.tau_step
-    checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first, measured = state
+    (checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first, measured,
+     level_start, measured_check) = state
     first = ema if first is None else first
     if hp.rule == "fidelity" and fidelity is not None:
-        current, seen, measured = fidelity, True, ema
+        current, seen, measured, measured_check = fidelity, True, ema, checks
     factor = None
     if hp.rule == "plateau":
         reason = _reason(hp, state, ema, plateau, converged)
@@ -456,10 +467,13 @@ def update(
         k_adjoint = next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max, factor)
         # A fidelity measured at the old counts says nothing about the new ones.
         checkpoint, stopped, current, measured = ema, False, None, None
+        if hp.rule == "fidelity":  # the paper's rule has no levels to space measurements by
+            level_start, measured_check = checks + 1, None
     elif reason == "no gain":
         stopped = True
     return ControllerState(checks + 1, recent, k, k_adjoint, checkpoint, stopped,
-                           converged, current, seen, first, measured), record
+                           converged, current, seen, first, measured, level_start,
+                           measured_check), record
 
 
 def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str | None:

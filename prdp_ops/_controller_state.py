@@ -10,7 +10,10 @@ values in two parts:
   ``fidelity`` (the gradient fidelity given at the current counts, or ``None``) and
   ``signal_seen`` (whether any was ever given), ``first_ema`` (the first check's average) and
   ``fidelity_ema`` (the average at the check that gave ``fidelity``: ``None`` exactly when
-  ``fidelity`` is; new in version 4, and read from a version-3 state as the last average);
+  ``fidelity`` is), ``level_start`` (the index of the first check at the current counts) and
+  ``measured_check`` (the index of the check that gave ``fidelity``, ``None`` with it) -- the
+  last three new in version 4, read from a version-3 state as if the fidelity had been given
+  at the last check, which began its level;
 - the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
   columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 50 bytes of JSON
   per check kept (at most ``history_limit`` of them).
@@ -58,7 +61,7 @@ _STATE_KEYS_V2 = frozenset(
      "checkpoint", "stopped", "solver_converged", "history"}
 )
 _STATE_KEYS_V3 = _STATE_KEYS_V2 | {"fidelity", "signal_seen", "first_ema"}
-_STATE_KEYS = _STATE_KEYS_V3 | {"fidelity_ema"}
+_STATE_KEYS = _STATE_KEYS_V3 | {"fidelity_ema", "level_start", "measured_check"}
 # What a state saved before the rule was a setting (versions 1 and 2) was run with.
 _PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY_TOL,
                              "growth": DEFAULT_GROWTH,
@@ -100,6 +103,8 @@ def encode_state(
         "signal_seen": state.signal_seen,
         "first_ema": state.first_ema,
         "fidelity_ema": state.fidelity_ema,
+        "level_start": state.level_start,
+        "measured_check": state.measured_check,
         "history": None if history is None else history.to_json(),
     }
 
@@ -245,16 +250,33 @@ def parse_state(
     if version >= 4 and (saved["fidelity_ema"] is None) != (fidelity is None):
         raise _error("state['fidelity_ema']", f"= {saved['fidelity_ema']!r} contradicts "
                      f"fidelity = {fidelity!r} (None exactly when fidelity is None).")
-    if version >= 4 and fidelity is not None:
-        fidelity_ema = _number("state['fidelity_ema']", saved["fidelity_ema"])
+    # Unknown before version 4: a level of the fidelity rule taken to begin now (its next
+    # measurement is then asked for at once); the paper's rule keeps 0.
+    level_start, measured_check = (checks if hp.rule == "fidelity" else 0), None
+    if version >= 4:
+        level_start = _int_field(saved, "level_start", 0)
+        if level_start > checks:
+            raise _error("state['level_start']", f"= {level_start} exceeds checks = {checks}.")
+        if (saved["measured_check"] is None) != (fidelity is None):
+            raise _error("state['measured_check']", f"= {saved['measured_check']!r} "
+                         f"contradicts fidelity = {fidelity!r} (None exactly when fidelity "
+                         "is None).")
+        if fidelity is not None:
+            fidelity_ema = _number("state['fidelity_ema']", saved["fidelity_ema"])
+            measured_check = _int_field(saved, "measured_check", level_start)
+            if measured_check >= checks:
+                raise _error("state['measured_check']", f"= {measured_check} must be below "
+                                                        f"checks = {checks}.")
     elif fidelity is not None:
-        # Version 3 did not record it: the last average (exact where the fidelity was given
-        # at the last check, which is where the harness of the examples measured it).
+        # Version 3 did not record them: as if the fidelity had been given at the last check
+        # (where the harness of the examples measured it), which began its level.
         fidelity_ema = recent_emas[-1] if recent_emas else None
+        level_start = measured_check = max(0, checks - 1)
     state = ControllerState(checks=checks, recent_emas=recent_emas, k=k, k_adjoint=k_adjoint,
                             checkpoint=checkpoint, **flags, fidelity=fidelity,
                             signal_seen=signal_seen, first_ema=first_ema,
-                            fidelity_ema=fidelity_ema)
+                            fidelity_ema=fidelity_ema, level_start=level_start,
+                            measured_check=measured_check)
     return state, _parse_history(saved["history"], version, hp, history_limit, state)
 
 

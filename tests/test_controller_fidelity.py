@@ -33,7 +33,7 @@ from prdp_ops._controller_rule import growth_steps, next_count
 def test_default_rule_is_fidelity_with_one_setting():
     hyper = po.PRDPController().hyperparameters()
     assert (hyper["rule"], hyper["fidelity_tol"], hyper["growth"], hyper["fidelity_power"]) == (
-        "fidelity", 0.1, 2.0, 1.0)
+        "fidelity", 0.1, 2.0, 0.0)
 
 
 def test_refines_above_tolerance_geometrically_on_the_grid():
@@ -211,12 +211,46 @@ def test_resume_is_exact_mid_run(cut, include_history):
         assert resumed.state_dict() == uninterrupted.state_dict()
 
 
+def test_version_3_states_load_with_the_fidelity_given_at_the_last_check():
+    """Version 3 did not save where the fidelity was measured: it loads as if at the last
+    check (the harness's practice), and decides as a controller measured there does."""
+    controller = po.PRDPController(lookback=2)
+    assert controller.update(1.0, fidelity=0.5) == "refine"  # the level begins at check 1
+    assert controller.update(0.9, fidelity=0.06) == "hold"   # measured at its first check
+    state = json.loads(json.dumps(controller.state_dict(include_history=False)))
+    old = {key: value for key, value in state.items()
+           if key not in ("fidelity_ema", "level_start", "measured_check")}
+    resumed = po.PRDPController(lookback=2)
+    resumed.load_state_dict({**old, "version": 3})
+    assert resumed.state_dict(include_history=False) == state
+    for loss in (0.5, 0.45, 0.2):
+        assert resumed.wants_fidelity == controller.wants_fidelity
+        assert resumed.update(loss) == controller.update(loss)
+
+
+def test_measurements_back_off_while_a_level_holds():
+    """Near the tolerance, a level held for N checks is measured O(log N) times: each time
+    the checks since the last measurement reach half of those spent at the level."""
+    controller = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0)
+    asked = []
+    for check in range(40):
+        asked.append(controller.wants_fidelity)
+        controller.update(1.0, fidelity=0.07 if asked[-1] else None)  # 0.07 in (0.05, 0.1]
+    assert [n for n, a in enumerate(asked) if a] == [0, 1, 3, 7, 15, 31]
+    assert controller.k == 1
+
+
 def test_corrupt_fidelity_state_is_refused_by_name():
     controller = po.PRDPController(lookback=2)
     controller.update(1.0, fidelity=0.05)
     state = controller.state_dict()
     for field, value, match in (("fidelity", -1.0, r"state\['fidelity'\]"),
-                                ("signal_seen", 1, r"state\['signal_seen'\]")):
+                                ("signal_seen", 1, r"state\['signal_seen'\]"),
+                                ("fidelity_ema", None, r"state\['fidelity_ema'\]"),
+                                ("fidelity_ema", -1.0, r"state\['fidelity_ema'\]"),
+                                ("measured_check", None, r"state\['measured_check'\]"),
+                                ("measured_check", 1, r"state\['measured_check'\]"),
+                                ("level_start", 2, r"state\['level_start'\]")):
         bad = {**state, field: value}
         with pytest.raises(ValueError, match=match):
             po.PRDPController(lookback=2).load_state_dict(bad)

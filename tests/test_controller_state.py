@@ -188,7 +188,8 @@ def _old_state(state, version, history):
     hyper = {name: value for name, value in state["hyperparameters"].items()
              if name not in dropped}
     old = {key: value for key, value in state.items()
-           if key not in ("fidelity", "signal_seen", "first_ema", "fidelity_ema")}
+           if key not in ("fidelity", "signal_seen", "first_ema", "fidelity_ema", "level_start",
+                          "measured_check")}
     return {**old, "version": version, "hyperparameters": hyper, "history": history}
 
 
