@@ -45,6 +45,20 @@ class JaxOps(ArrayOps):
     def cond(self, pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> Any:
         return lax.cond(pred, true_fn, false_fn, *operands)
 
+    # The reverse steps' buffer-reusing updates (NumPy may overwrite ``y``) are functional
+    # here: JAX arrays are immutable, so each returns a new array and XLA reuses buffers.
+    def axpy_(self, y: Any, a: Any, x: Any) -> Any:
+        """Return ``y + a * x`` (a new array; ``y`` is untouched)."""
+        return y + a * x
+
+    def scale_(self, y: Any, a: Any) -> Any:
+        """Return ``a * y`` (a new array; ``y`` is untouched)."""
+        return a * y
+
+    def keep(self, a: Any) -> Any:
+        """Return ``a`` for a tape to hold: the JAX tape is the loop's own buffer."""
+        return a
+
     def to_float(self, a: Any) -> float:
         if isinstance(a, jax.core.Tracer):
             raise TypeError(

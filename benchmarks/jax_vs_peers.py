@@ -1,9 +1,9 @@
-"""prdp_ops' JAX backend against its peers, on a 2D Poisson problem.
+"""prdp_ops' JAX backend against its peers, on a Poisson problem (2D, and one 3D case).
 
-The operator is the matrix-free 5-point stencil on an N x N grid (float64), scaled by a
-coefficient ``c`` that receives a gradient, and every solver runs exactly K conjugate-gradient
-iterations (rtol = atol = 0). In one process, with the runs of all contenders interleaved and
-the median of the repeats reported:
+The operator is the matrix-free 5-point (7-point in 3D) stencil on an N x N (N x N x N) grid
+(float64), scaled by a coefficient ``c`` that receives a gradient, and every solver runs
+exactly K conjugate-gradient iterations (rtol = atol = 0). In one process, with the runs of
+all contenders interleaved and the median of the repeats reported:
 
 * forward: ``pj.solve`` against ``lineax.linear_solve(..., lineax.CG)`` and
   ``jax.scipy.sparse.linalg.cg`` (all jitted);
@@ -12,12 +12,38 @@ the median of the repeats reported:
 * the bridge: ``pj.solve(..., backend="numpy")`` called from jitted code, against
   ``po.solve`` called directly on the same NumPy operator;
 * memory: XLA's temporary-buffer estimate (``compiled.memory_analysis()``) of the gradient
-  computations.
+  computations, and the unrolled one per iteration in n-vectors against the floor below.
 
-Targets (issue 3): forward / lineax <= 1.10, implicit grad / forward <= 2.1, unrolled grad /
-forward <= 3.0, bridge / direct NumPy <= 1.3.
+Targets (issue 10): forward / lineax <= 1.05, implicit (forward + gradient) / forward <= 2.1,
+unrolled (forward + gradient) / forward <= 3.0, bridge / direct NumPy <= 1.3.
 
-Run ``python benchmarks/jax_vs_peers.py`` (a few minutes) or with ``--quick`` (seconds).
+The floor of the unrolled reverse (CG, unpreconditioned; n-vector reads + writes per step,
+a fused stencil counted as one read of its input):
+
+==========================  ==============  ==================================================
+pass                        reads + writes  what
+==========================  ==============  ==================================================
+forward step                7 + 4           q = A p, <p, q> | x, r update, <r, r> | p update
+tape (full)                 0 + 3           r, p before the step and q = A p (CG's record)
+reverse step, floor         12 + 2          <p_bar', p>, <x_bar, p> | r_bar, <r_bar, q> |
+                                            p_bar with A^T q_bar inline (scalars from the
+                                            tape: alpha, beta, rho need no reduction)
+reverse step, CG step_vjp   ~20 + 4         recomputes <p, q> and <r', r'> (two more
+                                            reductions), forms q_bar and A^T q_bar apart
+tape reads                  3 + 0           the record
+parameter c (scalar)        2 + 1           dy/dc = L p (one product), <q_bar, dy/dc>
+==========================  ==============  ==================================================
+
+So forward + gradient moves at least (11 + 3 + 14 + 3) / 11 = 2.8 forward steps' worth
+per step with every record kept, and the full tape holds 3 n-vectors per iteration (its
+floor: the reverse needs r, p and q of every step, or recomputes them). On CPU the tape is
+fresh memory at every call (XLA allocates it per call; glibc maps blocks above 32 MiB
+afresh), and the page faults of first touch (measured ~2 GB/s on the 2-core machine) cost
+more than the traffic: above 32 MiB the JAX backend checkpoints every ceil(sqrt(K)) steps
+(one more forward pass, ~6 sqrt(K) n-vectors) by default.
+
+Run ``python benchmarks/jax_vs_peers.py`` (the size sweep, several minutes), with
+``--sizes`` (``NxK`` for an N x N grid, ``NxNxNxK`` for 3D) or ``--quick`` (seconds).
 lineax is a benchmark-only dependency, the ``bench`` extra: ``pip install -e ".[jax,bench]"``
 (without it the script says so in one line and exits with status 1).
 """
@@ -41,12 +67,20 @@ import prdp_ops as po
 jax.config.update("jax_enable_x64", True)
 
 
-def poisson_matvec(N: int, c: Any) -> Callable[[Any], Any]:
-    """``u -> c * (-Laplacian) u`` on an N x N grid with zero Dirichlet boundaries."""
+def poisson_matvec(N: int | tuple[int, ...], c: Any) -> Callable[[Any], Any]:
+    """``u -> c * (-Laplacian) u`` on an N x N grid (or the grid ``N``, a shape) with zero
+    Dirichlet boundaries."""
+    shape = (N, N) if isinstance(N, int) else tuple(N)
+    inner = tuple(slice(1, -1) for _ in shape)
 
     def matvec(u: Any) -> Any:
-        v = jnp.pad(u.reshape(N, N), 1)
-        lap = 4 * v[1:-1, 1:-1] - v[:-2, 1:-1] - v[2:, 1:-1] - v[1:-1, :-2] - v[1:-1, 2:]
+        v = jnp.pad(u.reshape(shape), 1)
+        lap = 2 * len(shape) * v[inner]
+        for axis in range(len(shape)):
+            for lo, hi in ((None, -2), (2, None)):
+                index = list(inner)
+                index[axis] = slice(lo, hi)
+                lap = lap - v[tuple(index)]
         return c * lap.reshape(-1)
 
     return matvec
@@ -67,7 +101,7 @@ def scan_cg(matvec: Callable, b: Any, K: int) -> Any:
     return jax.lax.scan(body, init, None, length=K)[0][0]
 
 
-def contenders(N: int, K: int) -> dict[str, Callable]:
+def contenders(N: tuple[int, ...], K: int) -> dict[str, Callable]:
     import lineax as lx
 
     def ours(c: Any, b: Any, **kw: Any) -> Any:
@@ -98,8 +132,8 @@ def contenders(N: int, K: int) -> dict[str, Callable]:
     }
 
 
-def bridge_contenders(N: int, K: int) -> dict[str, Callable]:
-    stencil = po.LaplacianStencil((N, N))
+def bridge_contenders(N: tuple[int, ...], K: int) -> dict[str, Callable]:
+    stencil = po.LaplacianStencil(N)
     bridged = jax.jit(lambda b: pj.solve(stencil, b, maxiter=K, rtol=0.0, backend="numpy"))
     return {
         "bridge (numpy, jit)": lambda b: jax.block_until_ready(bridged(b)),
@@ -124,9 +158,9 @@ def interleaved_medians(fns: dict[str, Callable], args: tuple, repeats: int) -> 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run_case(N: int, K: int, repeats: int) -> dict[str, float]:
+def run_case(N: tuple[int, ...], K: int, repeats: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
-    b = jnp.asarray(rng.standard_normal(N * N))
+    b = jnp.asarray(rng.standard_normal(int(np.prod(N))))
     c = jnp.asarray(1.0)
     fns = contenders(N, K)
     t = interleaved_medians(fns, (c, b), repeats)
@@ -134,24 +168,42 @@ def run_case(N: int, K: int, repeats: int) -> dict[str, float]:
     t["mem implicit"] = temp_megabytes(fns["ours implicit grad"], c, b)
     t["mem unrolled"] = temp_megabytes(fns["ours unrolled grad"], c, b)
     t["mem scan"] = temp_megabytes(fns["scan autodiff grad"], c, b)
+    # In n-vectors per iteration (the full tape's floor is CG's record: 3).
+    t["vectors per iteration"] = t["mem unrolled"] * 2**20 / (b.size * b.dtype.itemsize * K)
     return t
 
 
-def table(rows: list[tuple[int, int, dict[str, float]]]) -> str:
-    head = ("| N | K | ours fwd (ms) | lineax fwd (ms) | jax.scipy fwd (ms) | ours/lineax fwd "
-            "| implicit grad/fwd | unrolled grad/fwd | scan-autodiff grad/fwd "
-            "| lineax grad/its fwd | bridge/direct NumPy | temp MB implicit / unrolled / scan |")
+def table(rows: list[tuple[tuple[int, ...], int, dict[str, float]]]) -> str:
+    head = ("| grid | K | ours fwd (ms) | lineax fwd (ms) | jax.scipy fwd (ms) | ours/lineax fwd "
+            "| implicit (fwd+grad)/fwd | unrolled (fwd+grad)/fwd | scan-autodiff /fwd "
+            "| lineax grad/its fwd | bridge/direct NumPy | temp MB implicit / unrolled / scan "
+            "| unrolled temp n-vectors/iteration (floor 3 full tape) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for N, K, t in rows:
         fwd = t["ours"]
         lines.append(
-            f"| {N} | {K} | {1e3 * fwd:.1f} | {1e3 * t['lineax']:.1f} "
+            f"| {'x'.join(map(str, N))} | {K} | {1e3 * fwd:.1f} | {1e3 * t['lineax']:.1f} "
             f"| {1e3 * t['jax.scipy']:.1f} | {fwd / t['lineax']:.2f} "
             f"| {t['ours implicit grad'] / fwd:.2f} | {t['ours unrolled grad'] / fwd:.2f} "
             f"| {t['scan autodiff grad'] / fwd:.2f} | {t['lineax grad'] / t['lineax']:.2f} "
             f"| {t['bridge (numpy, jit)'] / t['direct numpy']:.2f} "
-            f"| {t['mem implicit']:.0f} / {t['mem unrolled']:.0f} / {t['mem scan']:.0f} |")
+            f"| {t['mem implicit']:.0f} / {t['mem unrolled']:.0f} / {t['mem scan']:.0f} "
+            f"| {t['vectors per iteration']:.2f} |")
     return "\n".join(lines)
+
+
+def parse_size(spec: str) -> tuple[tuple[int, ...], int]:
+    """``"NxK"`` (an N x N grid) or ``"N1xN2[xN3]xK"`` -> ``(grid shape, K)``."""
+    numbers = [int(v) for v in spec.split("x")]
+    if len(numbers) == 2:
+        return (numbers[0], numbers[0]), numbers[1]
+    if len(numbers) in (3, 4):
+        return tuple(numbers[:-1]), numbers[-1]
+    raise SystemExit(f"--sizes: {spec!r} is not NxK or N1xN2[xN3]xK")
+
+
+#: The default sweep: K shrinks with the grid so that each case takes well under a minute.
+SWEEP = "64x500,128x300,256x200,512x100,1024x30,64x64x64x100"
 
 
 LINEAX_MISSING = ('jax_vs_peers.py needs lineax, a benchmark-only dependency: pip install -e '
@@ -171,17 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--sizes", default=None,
-                        help="comma-separated NxK pairs, e.g. 128x200,256x500")
+                        help=f"comma-separated NxK (2D) or NxNxNxK (3D), default {SWEEP}")
     args = parser.parse_args(argv)
     lineax_or_exit()
-    sizes = [(32, 20)] if args.quick else [(128, 200), (128, 500), (256, 200), (256, 500)]
-    if args.sizes:
-        sizes = [tuple(int(v) for v in pair.split("x")) for pair in args.sizes.split(",")]
+    spec = args.sizes or ("32x20" if args.quick else SWEEP)
+    sizes = [parse_size(pair) for pair in spec.split(",")]
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     for N, K in sizes:
         rows.append((N, K, run_case(N, K, repeats)))
-        print(f"done N={N} K={K}", flush=True)
+        print(f"done grid={N} K={K}", flush=True)
     print(f"\njax {jax.__version__}, {jax.devices()[0].platform}, float64, median of "
           f"{repeats} interleaved runs\n")
     print(table(rows))
