@@ -141,6 +141,55 @@ def bridge_contenders(N: tuple[int, ...], K: int) -> dict[str, Callable]:
     }
 
 
+def step_traffic(N: tuple[int, ...]) -> dict[str, float]:
+    """What one CG step moves by XLA's own count (``cost_analysis()['bytes accessed']`` of
+    the jitted step, in n-vectors of float64): the forward step, the reverse step from CG's
+    ``step_vjp`` (what ``adjoint="unrolled"`` runs) and ``jax.vjp`` of the step (the fallback
+    for solvers without one). XLA counts every operand of every fusion, so a stencil's
+    shifted reads and the jit's own inputs and outputs count too: compare the rows with
+    each other, and with the floor table's counts only as a ratio."""
+    from prdp_ops.backends import _jax_unrolled as unrolled
+    from prdp_ops.backends._jax_driver import materialized
+
+    n = int(np.prod(N))
+    solver, ops = po.get_solver("cg"), pj.OPS
+    b, c = jnp.ones(n), jnp.asarray(1.0)
+
+    def op(c: Any) -> po.LinearOperator:
+        return po.FunctionOperator(poisson_matvec(N, c), n, hermitian=True)
+
+    state = solver.step(ops, op(c), b, solver.init(ops, op(c), b, jnp.zeros_like(b), None), None)
+    record = solver.record(ops, op(c), b, None, state, state)
+    keys = ("x", "r", "p", "rho")
+    bar = {k: state[k] for k in keys}
+
+    def forward(c: Any, state: dict) -> dict:
+        return solver.step(ops, materialized(op(c), jnp.int32(0)), b, state, None)
+
+    def reverse(c: Any, record: Any, bar: dict) -> tuple:
+        ctx = unrolled.ReverseContext(op(c), None, lambda p: op(p["c"]), {"c": c}, ("c",),
+                                      jnp.zeros_like(b), {"c": jnp.zeros_like(c)}, jnp.int32(0))
+        return solver.step_vjp(ops, op(c), b, None, record, bar, ctx), ctx.b_bar, ctx.params_bar
+
+    def reverse_vjp(c: Any, state: dict, bar: dict) -> tuple:
+        fixed = {k: v for k, v in state.items() if k not in keys}
+
+        def step(d: dict, c: Any) -> dict:
+            new = solver.step(ops, op(c), b, {**d, **fixed}, None)
+            return {k: new[k] for k in d}
+
+        return jax.vjp(step, {k: state[k] for k in keys}, c)[1](bar)
+
+    out = {}
+    cases = (("forward", forward, (c, state)), ("step_vjp", reverse, (c, record, bar)),
+             ("vjp of step", reverse_vjp, (c, state, bar)))
+    for name, fn, args in cases:
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        out[name] = cost["bytes accessed"] / (8 * n)
+    return out
+
+
 def temp_megabytes(fn: Callable, *args: Any) -> float:
     analysis = fn.lower(*args).compile().memory_analysis()
     return analysis.temp_size_in_bytes / 2**20 if analysis is not None else float("nan")
@@ -170,6 +219,7 @@ def run_case(N: tuple[int, ...], K: int, repeats: int) -> dict[str, float]:
     t["mem scan"] = temp_megabytes(fns["scan autodiff grad"], c, b)
     # In n-vectors per iteration (the full tape's floor is CG's record: 3).
     t["vectors per iteration"] = t["mem unrolled"] * 2**20 / (b.size * b.dtype.itemsize * K)
+    t.update({f"traffic {k}": v for k, v in step_traffic(N).items()})
     return t
 
 
@@ -189,6 +239,12 @@ def table(rows: list[tuple[tuple[int, ...], int, dict[str, float]]]) -> str:
             f"| {t['bridge (numpy, jit)'] / t['direct numpy']:.2f} "
             f"| {t['mem implicit']:.0f} / {t['mem unrolled']:.0f} / {t['mem scan']:.0f} "
             f"| {t['vectors per iteration']:.2f} |")
+    lines += ["", "XLA cost analysis of one CG step, n-vectors moved (bytes accessed / 8n):", "",
+              "| grid | forward step | reverse: step_vjp (ours) | reverse: jax.vjp of step |",
+              "|---|---|---|---|"]
+    for N, _, t in rows:
+        lines.append(f"| {'x'.join(map(str, N))} | {t['traffic forward']:.1f} "
+                     f"| {t['traffic step_vjp']:.1f} | {t['traffic vjp of step']:.1f} |")
     return "\n".join(lines)
 
 
