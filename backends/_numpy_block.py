@@ -63,7 +63,8 @@ class ColumnOps(ArrayOps):
         self.name = base.name
 
     def vdot(self, a: Any, b: Any) -> Any:
-        return self.xp.sum(self.xp.conj(a) * b, axis=0)
+        # One pass down the columns; ops.conj leaves real data alone (xp.conj would copy).
+        return self.xp.sum(self.conj(a) * b, axis=0)
 
     def dot(self, a: Any, b: Any) -> Any:
         return self.xp.sum(a * b, axis=0)
