@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayOps", "NumpyOps", "array_backend_name", "ops_for"]
+__all__ = ["ArrayOps", "FactoredTriangle", "NumpyOps", "array_backend_name", "ops_for"]
 
 
 class ArrayOps:
@@ -69,10 +69,26 @@ class ArrayOps:
         import scipy.sparse
         import scipy.sparse.linalg
 
+        if isinstance(T, FactoredTriangle):
+            return T.solve(rhs)
         if scipy.sparse.issparse(T):
             T = T if T.format in ("csr", "csc") else T.tocsr()
             return scipy.sparse.linalg.spsolve_triangular(T, rhs, lower=lower)
         return scipy.linalg.solve_triangular(T, rhs, lower=lower, check_finite=False)
+
+    def prepare_triangular(self, T: Any, lower: bool) -> Any:
+        """Return ``T`` in the form :meth:`solve_triangular` solves with fastest, for a
+        triangle used in many solves (SOR's, once per solve); its ``.T`` is the transposed
+        triangle. Here: ``T`` itself for a dense triangle; a scipy.sparse one is factored
+        once (:class:`FactoredTriangle`), because ``spsolve_triangular`` rebuilds the
+        matrix on every call (a copy, a product with the inverse diagonal, a duplicate sum).
+        Backends whose ``solve_triangular`` takes only matrices return ``T``.
+        """
+        import scipy.sparse
+
+        if type(self) is not NumpyOps or not scipy.sparse.issparse(T):
+            return T
+        return FactoredTriangle.factor(T, lower) or T
 
     # -- functional updates -----------------------------------------------------------
     def set_at(self, a: Any, index: Any, value: Any) -> Any:
@@ -191,6 +207,42 @@ class NumpyOps(ArrayOps):
             # Also a vector over a scalar (GMRES's new basis vector): one pass, not five.
             return num / den if den != 0 else num * 0
         return super().safe_divide(num, den)
+
+
+class FactoredTriangle:
+    """A sparse triangle ``T`` factored once by SuperLU, in its own order and without
+    pivoting, so that ``L U = T`` with one factor diagonal: a solve is the two triangular
+    substitutions, the same arithmetic as ``spsolve_triangular`` (which also scales by the
+    inverse diagonal) without rebuilding ``T`` each time. ``.T`` solves with ``T^T``
+    (transposed, not conjugated)."""
+
+    def __init__(self, lu: Any, transposed: bool = False) -> None:
+        self._lu, self._transposed = lu, transposed
+
+    @classmethod
+    def factor(cls, T: Any, lower: bool) -> FactoredTriangle | None:
+        """The factored ``T``, or None if SuperLU permuted it (then solve ``T`` itself)."""
+        import scipy.sparse
+        import scipy.sparse.linalg
+
+        # diag_pivot_thresh=0 keeps the diagonal pivots, NATURAL the column order: a
+        # triangle then factors without fill-in. T is stored lower; an upper one is
+        # factored as its transpose.
+        matrix = scipy.sparse.csc_matrix(T if lower else T.T)
+        lu = scipy.sparse.linalg.splu(matrix, permc_spec="NATURAL", diag_pivot_thresh=0.0,
+                                      options={"SymmetricMode": True})
+        n = matrix.shape[0]
+        identity = np.arange(n)
+        if not (np.array_equal(lu.perm_r, identity) and np.array_equal(lu.perm_c, identity)):
+            return None
+        return cls(lu, transposed=not lower)
+
+    @property
+    def T(self) -> FactoredTriangle:
+        return FactoredTriangle(self._lu, not self._transposed)
+
+    def solve(self, rhs: Any) -> Any:
+        return self._lu.solve(np.asarray(rhs), trans="T" if self._transposed else "N")
 
 
 def _fits_in_place(y: Any, *operands: Any) -> bool:

@@ -77,7 +77,9 @@ class SOR(StationaryIteration):
     def prepare(self, ops: ArrayOps, A: Any, M: Any) -> Any:
         matrix = A.to_matrix()  # a matrix-free operator fails here, saying why
         check_nonzero_diagonal(ops, A.diagonal(), "sor")
-        return sweep_matrix(ops, matrix, self.omega)
+        # Built once per solve, and (scipy.sparse) factored once for the triangular solves
+        # of every sweep and every reverse step (ops.prepare_triangular).
+        return ops.prepare_triangular(sweep_matrix(ops, matrix, self.omega), lower=True)
 
     def correction(self, ops: ArrayOps, A: Any, M: Any, r: Any, P: Any) -> Any:
         return ops.solve_triangular(P, r, lower=True)
