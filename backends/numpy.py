@@ -3,6 +3,14 @@
 The same code drives NumPy and CuPy arrays: everything array-specific goes through the
 ``ops`` object. On CuPy, reading a residual norm back to the host synchronises the device,
 so the convergence test can be made every ``check_every`` iterations instead of every one.
+
+Tape memory (NumPy): what ``solver.record`` keeps through ``ops.keep``, and the cotangents the
+reverse sweep keeps for A's deferred cotangent, are copied into blocks reused from one
+unrolled solve to the next (:mod:`prdp_ops.backends._numpy_tape`), so repeated solves of one
+shape do not page-fault fresh memory in on every call. A block is reused only once nothing
+refers to any part of it. :func:`clear_tape_cache` frees the cached blocks,
+:func:`set_tape_cache_limit` bounds them (default 2 GiB, :func:`tape_cache_limit`), and
+:func:`cached_tape_bytes` reports them.
 """
 
 from __future__ import annotations
@@ -85,7 +93,8 @@ def run_solver(
     stop_on_convergence
         False runs exactly ``maxiter`` iterations (the ``rtol = atol = 0`` case).
     keep_tape
-        Record what the reverse sweep needs (``solver.record``) for each step.
+        Record what the reverse sweep needs (``solver.record``) for each step; on NumPy
+        ``record`` gets ops whose ``keep`` copies into reused tape memory.
     check_every
         Test convergence and failure every this many iterations (a host sync on GPUs).
         Steps past the point of convergence between two checks are not undone.

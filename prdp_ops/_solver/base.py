@@ -57,7 +57,9 @@ class IterativeSolver(abc.ABC):
         norm of the current iterate) and, optionally, ``"breakdown"`` (a 0-d bool).
     ``step(ops, A, b, state, M) -> state``
         One iteration, returning a new state. Never modify arrays in place (use
-        ``ops.set_at``); branch on array values only through ``ops.cond`` / ``ops.where``.
+        ``ops.set_at``; ``ops.set_at_``, which writes in place on NumPy, only into an array
+        whose written part no earlier state reads); branch on array values only through
+        ``ops.cond`` / ``ops.where``.
         ``A`` is a :class:`~prdp_ops.LinearOperator`; ``M`` a preconditioner operator or
         ``None``.
 
@@ -165,7 +167,11 @@ class IterativeSolver(abc.ABC):
         """What the forward pass keeps of one step for :meth:`step_vjp` (default: both states).
 
         States are never modified in place, so keeping references costs only the arrays a
-        step creates. Override it to keep less (e.g. GMRES keeps one new basis vector).
+        step creates. Override it to keep less (e.g. GMRES keeps one basis per cycle), and
+        pass the vectors kept through ``ops.keep``: on NumPy the driver then copies them
+        into tape memory reused from one solve to the next instead of holding fresh memory
+        that the next call page-faults in again (an array named at two steps is copied
+        once); elsewhere ``ops.keep`` is the identity.
         """
         return (before, after)
 
@@ -181,6 +187,14 @@ class IterativeSolver(abc.ABC):
         y_bar)`` returns ``A^T y_bar`` and records the pair for A's cotangent,
         ``ctx.precond_T(z_bar)`` returns ``M^T z_bar``, ``ctx.add_b(b_bar)`` accumulates b's
         cotangent.
+
+        The arrays of ``state_bar`` belong to the sweep (the driver passes ``x_bar`` as a
+        private copy), so a reverse step may update them in place through ``ops.axpy_`` /
+        ``ops.scale_`` (which return the result: in place on NumPy/CuPy, a new array on JAX)
+        if it returns no array under two keys. Never write into the record's arrays, into
+        what ``ctx`` returns (an identity ``M`` returns its argument), or into an array
+        after passing it to ``ctx.matvec_T``/``ctx.record_pair`` (A's cotangent reads it
+        later).
         """
         raise NotImplementedError(
             f"solver {self.name or type(self).__name__!r} has no reverse step on NumPy/CuPy, so "
