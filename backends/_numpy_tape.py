@@ -134,6 +134,15 @@ class TapeArena:
         self._recent = [(a, row), *self._recent[: _RECENT - 1]]
         return row
 
+    def adopt(self, a: Any) -> Any:
+        """``a`` itself if it already lies in cached tape memory (a row a tape kept), else
+        :meth:`keep` of it: for arrays held as long as a tape, e.g. the vectors of A's
+        deferred cotangent that a reverse step computed itself."""
+        base = getattr(a, "base", None)
+        if base is not None and any(base is block for block in _cache.get(self._key, ())):
+            return a
+        return self.keep(a)
+
     def _new_block(self) -> np.ndarray:
         blocks = _cache.setdefault(self._key, [])
         rows, self._grow = self._grow, min(2 * self._grow, self._rows)

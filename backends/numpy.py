@@ -293,8 +293,8 @@ class ReverseContext:
         self._M_T = M.T if M is not None else None
         self._track = bool(A.parameters())
         self._pairs: dict[str, list[tuple[Any, Any]]] = {}
-        # The pairs' cotangents live until A's cotangent is asked for (one n-vector per
-        # product): in reused tape memory on NumPy, as the forward tape (no page faults).
+        # The pairs live until A's cotangent is asked for (an n-vector or two per product):
+        # in reused tape memory on NumPy, as the forward tape (no page faults).
         self._arena = (TapeArena(b.shape, b.dtype)
                        if self._track and type(ops) is NumpyOps else None)
         self.b_bar = ops.xp.zeros_like(b)
@@ -308,6 +308,10 @@ class ReverseContext:
         """Record that ``y = A_part v`` received cotangent ``y_bar`` (no product computed)."""
         if self._track:
             if self._arena is not None:
+                # Both live until A's cotangent is computed: v is usually a tape row
+                # already (adopt keeps it as is); a vector the reverse step recomputed
+                # (BiCGSTAB's s, Jacobi's z) is copied, like every y_bar.
+                v = self._arena.adopt(v)
                 y_bar = self._arena.keep(y_bar)
             self._pairs.setdefault(part, []).append((v, y_bar))
 
