@@ -60,6 +60,8 @@ RULES: tuple[str, ...] = ("fidelity", "plateau")
 DEFAULT_FIDELITY_TOL = 0.1
 DEFAULT_GROWTH = 2.0
 DEFAULT_FIDELITY_POWER = 0.0
+#: A fidelity is measured again once the metric fell by this factor since the measurement.
+STALE_FALL = 10.0
 # The reason determines the decision, so the history stores only the reason.
 DECISION_OF: dict[str, Decision] = {
     reason: "refine" if reason in REFINE_REASONS else "stop" if reason == "no gain" else "hold"
@@ -381,8 +383,9 @@ def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
     and when the extrapolated fidelity at the last check came within a factor 2 of the
     tolerance (the next check's decision could flip) -- then once the checks since the last
     measurement reach half the checks spent at these counts, so that a level held for ``N``
-    checks costs ``O(log N)`` measurements and a change is seen within half the level's age.
-    Never at both caps, and never under the paper's rule.
+    checks costs ``O(log N)`` measurements and a change is seen within half the level's age --
+    and once the metric fell by :data:`STALE_FALL` since the measurement (one per decade of
+    progress). Never at both caps, and never under the paper's rule.
     """
     if hp.rule != "fidelity" or (
             state.k == next_count(hp, state.k, hp.k_step, hp.k_max)
@@ -393,6 +396,12 @@ def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
         return True
     ema = state.recent_emas[-1]
     first = ema if state.first_ema is None else state.first_ema
+    if state.fidelity_ema is not None and ema * STALE_FALL <= state.fidelity_ema:
+        # The metric fell tenfold since the measurement: the extrapolation's model (a fixed
+        # displacement of the optimum) has been stretched over a decade, and a measurement
+        # that read ~0 (e.g. an optimiser's first, sign-like step) would otherwise never be
+        # revised. At most one measurement per decade of progress.
+        return True
     predicted = predicted_fidelity(state.fidelity, state.fidelity_ema, ema)
     if predicted <= 0.5 * tolerance(hp, ema, first):
         return False

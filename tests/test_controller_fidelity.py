@@ -233,11 +233,25 @@ def test_measurements_back_off_while_a_level_holds():
     the checks since the last measurement reach half of those spent at the level."""
     controller = po.PRDPController(lookback=2, use_ema=False, fidelity_power=0)
     asked = []
-    for check in range(40):
+    for _ in range(40):
         asked.append(controller.wants_fidelity)
         controller.update(1.0, fidelity=0.07 if asked[-1] else None)  # 0.07 in (0.05, 0.1]
     assert [n for n, a in enumerate(asked) if a] == [0, 1, 3, 7, 15, 31]
     assert controller.k == 1
+
+
+def test_a_measurement_is_revised_after_a_decade_of_progress():
+    """A fidelity that read ~0 extrapolates to ~0 however far the metric falls: once it fell
+    tenfold since the measurement, the rule asks again (at most once per decade)."""
+    controller = po.PRDPController(lookback=2, use_ema=False)
+    controller.update(1.0, fidelity=0.0)
+    asked = []
+    for loss in (0.5, 0.2, 0.11, 0.1, 0.05):
+        asked.append(controller.wants_fidelity)
+        controller.update(loss)
+    assert asked == [False, False, False, False, True]  # asked after the check at 0.1
+    controller.update(0.05, fidelity=0.0)
+    assert not controller.wants_fidelity  # the decade counts from the new measurement
 
 
 def test_corrupt_fidelity_state_is_refused_by_name():
