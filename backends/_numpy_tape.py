@@ -14,8 +14,9 @@ vjp, a deferred cotangent or a user still holds any part of it. A solve whose vj
 alive therefore keeps its blocks, and the next solve takes others (or new ones): nothing
 anybody holds is ever overwritten.
 
-The cache holds at most :func:`tape_cache_limit` bytes (blocks past it are ordinary
-memory, freed with their tape); :func:`clear_tape_cache` drops every cached block.
+The cache holds at most :func:`tape_cache_limit` bytes: a solve that needs more first drops
+free blocks, those of the shapes least recently used first, and past the limit takes
+ordinary memory, freed with its tape. :func:`clear_tape_cache` drops every cached block.
 """
 
 from __future__ import annotations
@@ -81,12 +82,14 @@ def clear_tape_cache() -> None:
     _cache.clear()
 
 
-def _trim() -> None:
-    """Drop free blocks while the cache holds more than the limit."""
+def _trim(room: int = 0) -> None:
+    """Drop free blocks, other shapes' first (least recently used), while the cache holds
+    more than the limit less ``room``."""
     total = cached_tape_bytes()
-    for blocks in _cache.values():
+    for key in list(_cache):  # dicts keep insertion order: the least recently used first
+        blocks = _cache[key]
         i = len(blocks) - 1
-        while i >= 0 and total > _limit[0]:
+        while i >= 0 and total > _limit[0] - room:
             if _references(blocks, i) == _FREE:
                 total -= blocks[i].nbytes
                 del blocks[i]
@@ -144,13 +147,17 @@ class TapeArena:
         return self.keep(a)
 
     def _new_block(self) -> np.ndarray:
-        blocks = _cache.setdefault(self._key, [])
+        # This shape becomes the most recently used (moved to the end of the dict).
+        blocks = _cache.pop(self._key, [])
+        _cache[self._key] = blocks
         rows, self._grow = self._grow, min(2 * self._grow, self._rows)
         for i in range(len(blocks)):
             # Free: no row of it is held (this arena's current block is not: it holds it).
             if _references(blocks, i) == _FREE:
                 return blocks[i]
         block = np.empty((rows, *self.shape), dtype=self.dtype)
+        if cached_tape_bytes() + block.nbytes > _limit[0]:
+            _trim(room=block.nbytes)  # free blocks of other shapes make room first
         if cached_tape_bytes() + block.nbytes <= _limit[0]:
             blocks.append(block)
         return block

@@ -224,3 +224,35 @@ def test_sor_on_a_sparse_matrix_factors_its_triangle_once(monkeypatch):
                       (ops.solve_triangular(F.T, rhs, lower=False),
                        scipy.linalg.solve_triangular(T.T, rhs, lower=False))):
         np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.abs(want).max())
+
+
+def test_a_full_cache_makes_room_by_dropping_other_shapes_free_blocks():
+    x_bar_small, x_bar_large = random_vector(144, seed=17), random_vector(256, seed=18)
+    small, large = poisson_2d(12), poisson_2d(16)
+    b_small, b_large = random_vector(144, seed=19), random_vector(256, seed=20)
+    _, vjp = _unrolled(large, b_large, "cg", {}, x_bar_large, K=40)
+    vjp(x_bar_large)
+    del vjp
+    gc.collect()
+    one_tape = pnp.cached_tape_bytes()
+    pnp.set_tape_cache_limit(one_tape + 1024)  # room for about one such tape
+    _, vjp = _unrolled(small, b_small, "cg", {}, x_bar_small, K=40)
+    vjp(x_bar_small)
+    del vjp
+    gc.collect()
+    held = pnp.cached_tape_bytes()
+    assert held <= one_tape + 1024
+    # The small shape's blocks are cached (the large shape's free ones made room): a second
+    # call reuses them and the cache does not change.
+    _, vjp = _unrolled(small, b_small, "cg", {}, x_bar_small, K=40)
+    vjp(x_bar_small)
+    del vjp
+    gc.collect()
+    assert pnp.cached_tape_bytes() == held
+    assert any(key[0] == (144,) and blocks for key, blocks in pnp_cache().items())
+
+
+def pnp_cache():
+    from prdp_ops.backends import _numpy_tape
+
+    return _numpy_tape._cache
