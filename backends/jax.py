@@ -162,8 +162,9 @@ def solve(
         ``"unrolled"`` only: keep every ``c``-th state and recompute the others during the
         backward pass. ``None`` (default): keep every state when ``maxiter`` (or
         ``max_steps``) is given and that tape takes at most an eighth of the device's
-        memory (on CPU: at most 32 MiB, as fresh memory costs more there than the extra
-        forward pass), else ``c = ceil(sqrt(K))`` for a capacity of ``K`` iterations (about
+        memory (on CPU: at most 32 MiB, or the ``MALLOC_MMAP_THRESHOLD_`` the process
+        was started with, as fresh memory costs more there than the extra forward pass),
+        else ``c = ceil(sqrt(K))`` for a capacity of ``K`` iterations (about
         ``2 sqrt(K)`` states), so the default ``maxiter = 10 n`` does not size a tape of
         ``10 n`` states.
     on_failure
