@@ -94,6 +94,50 @@ def test_sweep_reports_k_sufficient_and_the_oracle(tmp_path, capsys):
     assert (tmp_path / "p_sweep.png").stat().st_size > 0
 
 
+def test_train_measures_the_fidelity_only_when_the_controller_asks():
+    """The harness obeys ``wants_fidelity`` and counts each measurement's solves in PRDP's
+    iterations: a one-parameter problem where the known gradient through K iterations is
+    c_K (c_K theta - 1), c_K = 1 - 0.5^K, trained by gradient descent."""
+    import prdp_ops as po
+
+    common = load("_common")
+    asked, calls = [], []
+
+    def c(k):
+        return 1 - 0.5**k
+
+    def gradient(theta, k, k_adjoint):
+        calls.append(k)
+        return np.array([c(k) * (c(k) * theta - 1.0)])
+
+    trainer = common.Trainer(
+        init_state=lambda: 0.0,
+        run_epoch=lambda theta, epoch, k, k_adjoint: theta - 0.5 * c(k) * (c(k) * theta - 1),
+        validate=lambda theta: abs(theta - 1.0), iterations_per_epoch=lambda k, ka: k + ka,
+        epochs=30, gradient=gradient, gradient_iterations=lambda k, ka: k + ka)
+
+    class Recording(po.PRDPController):
+        def update(self, loss, residual=None, fidelity=None):
+            asked.append(self.wants_fidelity)
+            return super().update(loss, residual=residual, fidelity=fidelity)
+
+    controller = Recording(k_max=64)
+    result = common.train(trainer, controller, "prdp", progress=False)
+    measured = [record.fidelity is not None for record in result.records]
+    # Never measured unasked; always at a level's first check (asked there, and outside the
+    # budget, which bounds only re-measurements at the same counts).
+    assert all(a or not m for a, m in zip(asked, measured, strict=True))
+    firsts = [n for n, record in enumerate(result.records)
+              if n == 0 or record.k != result.records[n - 1].k]
+    assert all(asked[n] and measured[n] for n in firsts if result.records[n].k < 64)
+    assert 0 < sum(measured) < len(measured)
+    pairs = list(zip(calls[::2], calls[1::2], strict=True))
+    assert all(k_ref == min(2 * k, 64) for k, k_ref in pairs)
+    training = sum(2 * record.k for record in result.records)
+    assert result.signal_iterations == sum(2 * (k + k_ref) for k, k_ref in pairs)
+    assert result.solver_iterations == training + result.signal_iterations
+
+
 def test_summary_percentages_and_ratio():
     common = load("_common")
     baseline = common.RunResult("baseline", 0.2, 1000, 10.0, 50, [])
@@ -150,19 +194,20 @@ def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
 
 
 @slow
-@pytest.mark.parametrize(("rule", "saved_pct"), [("fidelity", 30), ("plateau", 50)])
+@pytest.mark.parametrize(("rule", "saved_pct"), [("fidelity", 60), ("plateau", 50)])
 def test_heat_emulator_1d_learns_and_saves_iterations(rule, saved_pct, tmp_path, capsys):
     result = run("heat_emulator", ["--dim", "1", "--rule", rule], tmp_path, capsys)
     # Validation metric: two-step nMSE of the network alone; predicting zero scores 1, the
     # untrained network about 5.
     assert result["baseline"]["val_error"] < 1.0
     assert result["prdp"]["val_error"] < 1.0
-    # Measured (examples/RESULTS.md, these seeds): 41.7% saved at a val ratio of 0.78 with
-    # the default rule, 81.6% at 0.84 with the paper's; the bounds leave a margin of 10 and
-    # 30 points, and the accuracy bound is the issue's 1.05.
+    # Measured (examples/RESULTS.md, these seeds): 73.1% saved at a val ratio of 0.73 with
+    # the default rule (it holds K = 8 with 7 fidelity measurements), 81.6% at 0.84 with the
+    # paper's; the bounds leave a margin of 13 and 30 points (one more doubling, to K = 16,
+    # would save about 50%), and the accuracy bound is the issue's 1.05.
     assert result["iterations_saved_pct"] > saved_pct
     assert result["val_error_ratio"] <= 1.05
-    assert result["prdp"]["k_final"] <= 29
+    assert result["prdp"]["k_final"] <= (8 if rule == "fidelity" else 29)
 
 
 @slow
