@@ -138,11 +138,11 @@ class TapeArena:
         return row
 
     def adopt(self, a: Any) -> Any:
-        """``a`` itself if it already lies in cached tape memory (a row a tape kept), else
-        :meth:`keep` of it: for arrays held as long as a tape, e.g. the vectors of A's
-        deferred cotangent that a reverse step computed itself."""
-        base = getattr(a, "base", None)
-        if base is not None and any(base is block for block in _cache.get(self._key, ())):
+        """:meth:`keep` of ``a`` if it is an array of its own (a vector a reverse step
+        computed, e.g. BiCGSTAB's ``s``), else ``a`` itself: a view (a tape row, a row of
+        GMRES's basis) is memory its owner holds anyway. For the vectors of A's deferred
+        cotangent, which live as long as the tape."""
+        if getattr(a, "base", None) is not None:
             return a
         return self.keep(a)
 

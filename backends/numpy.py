@@ -308,9 +308,10 @@ class ReverseContext:
         """Record that ``y = A_part v`` received cotangent ``y_bar`` (no product computed)."""
         if self._track:
             if self._arena is not None:
-                # Both live until A's cotangent is computed: v is usually a tape row
-                # already (adopt keeps it as is); a vector the reverse step recomputed
-                # (BiCGSTAB's s, Jacobi's z) is copied, like every y_bar.
+                # Both live until A's cotangent is computed: v is usually a view of memory
+                # held anyway (a tape row, GMRES's basis: adopt keeps it as is); a vector
+                # the reverse step recomputed (BiCGSTAB's s, Jacobi's z) is copied, like
+                # every y_bar.
                 v = self._arena.adopt(v)
                 y_bar = self._arena.keep(y_bar)
             self._pairs.setdefault(part, []).append((v, y_bar))
