@@ -47,13 +47,19 @@ class JaxOps(ArrayOps):
 
     # The reverse steps' buffer-reusing updates (NumPy may overwrite ``y``) are functional
     # here: JAX arrays are immutable, so each returns a new array and XLA reuses buffers.
+    # A real coefficient of a complex vector is widened explicitly, as strict promotion
+    # requires (the exact cast standard promotion makes).
     def axpy_(self, y: Any, a: Any, x: Any) -> Any:
         """Return ``y + a * x`` (a new array; ``y`` is untouched)."""
-        return y + a * x
+        ax = _widen_to_complex(a, jnp.result_type(x)) * _widen_to_complex(
+            x, jnp.result_type(a))
+        return (_widen_to_complex(y, jnp.result_type(ax))
+                + _widen_to_complex(ax, jnp.result_type(y)))
 
     def scale_(self, y: Any, a: Any) -> Any:
         """Return ``a * y`` (a new array; ``y`` is untouched)."""
-        return a * y
+        return _widen_to_complex(a, jnp.result_type(y)) * _widen_to_complex(
+            y, jnp.result_type(a))
 
     def keep(self, a: Any) -> Any:
         """Return ``a`` for a tape to hold: the JAX tape is the loop's own buffer."""
