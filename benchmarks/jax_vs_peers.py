@@ -24,12 +24,13 @@ a fused stencil counted as one read of its input):
 pass                        reads + writes  what
 ==========================  ==============  ==================================================
 forward step                7 + 4           q = A p, <p, q> | x, r update, <r, r> | p update
-tape (full)                 0 + 3           r, p before the step and q = A p (CG's record)
+tape (full)                 0 + 3           p before the step, q = A p and r' (CG's record)
 reverse step, floor         12 + 2          <p_bar', p>, <x_bar, p> | r_bar, <r_bar, q> |
                                             p_bar with A^T q_bar inline (scalars from the
                                             tape: alpha, beta, rho need no reduction)
-reverse step, CG step_vjp   ~20 + 4         recomputes <p, q> and <r', r'> (two more
-                                            reductions), forms q_bar and A^T q_bar apart
+reverse step, CG step_vjp   ~17 + 4         recomputes <p, q> (one more reduction: r' and
+                                            rho' are recorded), forms q_bar and A^T q_bar
+                                            apart
 tape reads                  3 + 0           the record
 parameter c (scalar)        2 + 1           dy/dc = L p (one product), <q_bar, dy/dc>
 ==========================  ==============  ==================================================
