@@ -89,6 +89,21 @@ def numpy_table(N: int, k: int, K: int, repeats: int) -> list[tuple[str, float, 
     return rows
 
 
+def size_sweep(sizes: list[int], k: int, K: int, repeats: int) -> list[tuple[int, float, float]]:
+    """Forward (K iterations) at each grid size: ``(N, block seconds, separate seconds)``."""
+    rows = []
+    for N in sizes:
+        A = poisson_2d(N)
+        B = np.random.default_rng(0).standard_normal((N * N, k))
+        t = interleaved_medians({
+            "block": lambda A=A, B=B: po.solve(A, B, "cg", rtol=0.0, maxiter=K),
+            "separate": lambda A=A, B=B: [po.solve(A, B[:, j], "cg", rtol=0.0, maxiter=K)
+                                          for j in range(k)],
+        }, repeats)
+        rows.append((N, t["block"], t["separate"]))
+    return rows
+
+
 def jax_row(N: int, k: int, K: int, repeats: int) -> tuple[str, float, float, float]:
     """The bridge under vmap: one block solve on the host against one problem at a time."""
     import jax
@@ -117,6 +132,8 @@ def main() -> None:
     parser.add_argument("--jax", action="store_true",
                         help="also time the JAX bridge under vmap (needs the jax extra)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per contender")
+    parser.add_argument("--sweep", default="32,64,128,256",
+                        help="grid sizes N of the forward size sweep (comma-separated; '' skips)")
     args = parser.parse_args()
     N, k, K = (32, 8, 50) if args.quick else (128, 32, 200)
     rows = numpy_table(N, k, K, args.repeats)
@@ -131,6 +148,14 @@ def main() -> None:
         ratio = "" if np.isnan(scipy) else f"{block / scipy:.2f}"
         print(f"| {what} | {1e3 * block:.0f} | {1e3 * separate:.0f} | "
               f"**{block / separate:.2f}** | {versus} | {ratio} |")
+    sizes = [int(v) for v in args.sweep.split(",") if v] if not args.quick else [16, 32]
+    if sizes:
+        print(f"\nForward, K = {K}, k = {k}: block / separate by grid size")
+        print("| N | n | block (ms) | separate (ms) | block / separate |")
+        print("|---|---|---|---|---|")
+        for size, block, separate in size_sweep(sizes, k, K, args.repeats):
+            print(f"| {size} | {size * size} | {1e3 * block:.0f} | {1e3 * separate:.0f} | "
+                  f"{block / separate:.2f} |")
 
 
 if __name__ == "__main__":
