@@ -111,6 +111,9 @@ def test_forward_matches_numpy_driver(case: object) -> None:
     np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-7, atol=1e-8)
 
 
+# Every solver and dtype: also in test_jax_conventions (strict promotion, the same
+# references) and test_jax_unrolled_reverse; the full matrix runs with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases(complex_only=True))
 @pytest.mark.parametrize("dtype", [np.float32, np.complex128], ids=["float32", "complex128"])
 def test_forward_dtypes(case: object, dtype: object) -> None:
@@ -150,6 +153,9 @@ def test_column_vector_keeps_its_shape() -> None:
     np.testing.assert_allclose(x[:, 0], np.linalg.solve(A, b[:, 0]), rtol=1e-7)
 
 
+# Every solver and dtype: also in test_jax_conventions (strict promotion, the same
+# references) and test_jax_unrolled_reverse; the full matrix runs with -m slow.
+@pytest.mark.slow
 # -- implicit gradients -------------------------------------------------------------------------
 @pytest.mark.parametrize("case", _cases())
 def test_implicit_gradient_matches_dense_solve(case: object) -> None:
@@ -299,6 +305,9 @@ def _autodiff_of_steps(case: object, A: jax.Array, b: jax.Array, iterations: int
     return solver.iterate(pj.OPS, op, b, state, None)
 
 
+# Every solver and dtype: also in test_jax_conventions (strict promotion, the same
+# references) and test_jax_unrolled_reverse; the full matrix runs with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", _cases())
 def test_unrolled_matches_autodiff_of_the_same_steps(case: object) -> None:
     A, b = _problem(case)

@@ -99,6 +99,11 @@ def _as(kind: str, A: jax.Array) -> Any:
     return Matmul()
 
 
+def _gmres_slow(solvers: tuple[str, ...]) -> list:
+    """The solvers, GMRES (the longest JAX compiles) left to ``pytest -m slow``."""
+    return [pytest.param(s, marks=(pytest.mark.slow,) if s == "gmres" else ()) for s in solvers]
+
+
 def _solution_cases() -> list:
     """Every solver, operator kind and preconditioning; GMRES (the longest compiles) keeps
     the dense matrix in the default run and the other kinds for ``pytest -m slow``."""
@@ -152,7 +157,7 @@ def test_pytree_b_and_function_of_pytrees() -> None:
         assert_agree(ravel(x), ravel(x_jax), converged_tol(cond, rho, rho_jax, n=N))
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", _gmres_slow(SOLVERS))
 def test_weak_types_kept(solver: str) -> None:
     """A Python scalar b gives a weakly typed x (JAX's BiCGSTAB and GMRES do too; its CG
     drops the weak type, and its test_cg_weak_types calls bicgstab)."""
@@ -202,7 +207,7 @@ def _dense(A: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.linalg.solve(A, b)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", _gmres_slow(SOLVERS))
 def test_grad_and_jvp_match_dense_solve(solver: str) -> None:
     """Implicit (default) gradients w.r.t. a matrix's entries and b, reverse and forward
     mode, against the derivative of ``jnp.linalg.solve``: both carry the forward error of a

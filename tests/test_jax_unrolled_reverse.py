@@ -26,6 +26,20 @@ N, K = 12, 5
 #: the host (one basis per restart cycle), which tracing cannot.
 FALLBACK = {"gmres"}
 CASES = [pytest.param(c, id=c.id) for c in SOLVER_CASES]
+DTYPES = [np.float64, np.float32, np.complex128]
+
+
+def _case_by_dtype() -> list:
+    """Every case in every dtype; the default run keeps float64 for every case and one
+    other dtype per non-GMRES case (rotated, so each dtype runs for several solvers), and
+    leaves the rest, GMRES's longest compiles among them, to ``pytest -m slow``."""
+    params = []
+    for i, case in enumerate(SOLVER_CASES):
+        kept = {0} if case.name == "gmres" else {0, 1 + i % 2}
+        for j, dtype in enumerate(DTYPES):
+            params.append(pytest.param(case, dtype, id=f"{np.dtype(dtype).name}-{case.id}",
+                                       marks=() if j in kept else (pytest.mark.slow,)))
+    return params
 
 
 @pytest.fixture
@@ -45,8 +59,7 @@ def _uses_hand_reverse(case, A, b) -> bool:
     return avals is not None
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.complex128])
+@pytest.mark.parametrize(("case", "dtype"), _case_by_dtype())
 def test_hand_reverse_matches_vjp_of_step(case, dtype, vjp_of_step) -> None:
     if dtype == np.complex128 and not case.complex_ok:
         pytest.skip("real solver")
@@ -172,7 +185,8 @@ def test_user_solver_without_step_vjp_falls_back() -> None:
         assert_agree(g, r, tol)
 
 
-@pytest.mark.parametrize("every", [1, 2, 3, 7])
+@pytest.mark.parametrize("every", [1, pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 7])
 def test_checkpointed_hand_reverse(every: int) -> None:
     """Records recomputed segment by segment give the gradient of the full tape (the same
     operations in the same order: equal to rounding of nothing, but compared normwise)."""

@@ -481,7 +481,10 @@ def test_same_code_runs_under_jit_and_matches_jax_autodiff(solver, dtype):
 
 
 @pytest.mark.parametrize("case", ["zero_rhs", "complex_eigenvector"])
-@pytest.mark.parametrize("solver", [po.BiCGSTAB(), po.GMRES(restart=3)], ids=repr)
+@pytest.mark.parametrize("solver", [
+    po.BiCGSTAB(),
+    # GMRES's JAX compiles are the longest (about 7 s each on 2 cores): -m slow.
+    pytest.param(po.GMRES(restart=3), marks=pytest.mark.slow)], ids=repr)
 def test_degenerate_cases_give_finite_jax_gradients(solver, case):
     # A zero residual and a happy breakdown (exact zeros in norms and Givens rotations) must
     # not turn JAX's derivative of the traced steps into NaN.
