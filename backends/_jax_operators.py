@@ -20,7 +20,7 @@ from prdp_ops.backends._jax_ops import is_bcoo
 from prdp_ops._operators.base import LinearOperator
 from prdp_ops._operators.convert import aslinearoperator
 
-__all__ = ["as_jax_operator", "operand_dtype", "own_param_vjp", "rebuilder",
+__all__ = ["as_jax_operator", "like_parameter", "operand_dtype", "own_param_vjp", "rebuilder",
            "structured_adjoint", "transpose"]
 
 _NUMPY_ONLY = (
@@ -135,7 +135,7 @@ def own_param_vjp(op: LinearOperator) -> bool:
     return method is not LinearOperator.param_vjp and not isinstance(op, _ClosureOperator)
 
 
-def _like(cotangent: Any, param: Any) -> Any:
+def like_parameter(cotangent: Any, param: Any) -> Any:
     """A cotangent shaped and typed like its (possibly real) parameter."""
     if cotangent is None:
         return jnp.zeros_like(param)
@@ -163,7 +163,8 @@ def _structured_matvec(rebuild: Callable) -> Callable:
         if not params:
             return {}, x_bar
         if own_param_vjp(A):
-            params_bar = {k: _like(A.param_vjp(x, y_bar).get(k), v) for k, v in params.items()}
+            own = A.param_vjp(x, y_bar)
+            params_bar = {k: like_parameter(own.get(k), v) for k, v in params.items()}
         else:
             _, pull = jax.vjp(lambda p: rebuild(p).matvec(x), params)
             (params_bar,) = pull(y_bar)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from prdp_ops.backends._jax_driver import LoopOutput, Tape, materialized
-from prdp_ops.backends._jax_operators import own_param_vjp, transpose
+from prdp_ops.backends._jax_operators import like_parameter, own_param_vjp, transpose
 
 from prdp_ops._solver.base import IterativeSolver, State
 
@@ -104,7 +104,7 @@ class ReverseContext:
         live = {k: self.params[k] for k in self.live}
         if own_param_vjp(self.A):
             own = self.A.param_vjp(v, y_bar, part)
-            bar = {k: _like(own.get(k), p) for k, p in live.items()}
+            bar = {k: like_parameter(own.get(k), p) for k, p in live.items()}
             self.params_bar = _tree_add(self.params_bar, bar)
             return
 
@@ -147,16 +147,6 @@ class ReverseContext:
 
 def _real_scalar(param: Any) -> bool:
     return jnp.size(param) == 1 and jnp.issubdtype(jnp.result_type(param), jnp.floating)
-
-
-def _like(cotangent: Any, param: Any) -> Any:
-    """A cotangent shaped and typed like its (possibly real) parameter."""
-    if cotangent is None:
-        return jnp.zeros_like(param)
-    cotangent = jnp.asarray(cotangent)
-    if not jnp.issubdtype(param.dtype, jnp.complexfloating):
-        cotangent = jnp.real(cotangent)
-    return cotangent.astype(param.dtype).reshape(param.shape)
 
 
 def _differentiable(state: State) -> State:

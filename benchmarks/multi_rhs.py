@@ -22,34 +22,13 @@ times a dense block) instead of k times, and runs one Python-level step instead 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
-import scipy.sparse as sp
 import scipy.sparse.linalg as spl
+from numpy_vs_scipy import interleaved_medians, poisson_2d
 
 import prdp_ops as po
-
-
-def poisson_2d(n: int) -> sp.csr_matrix:
-    t = sp.diags([-1.0, 2.0, -1.0], [-1, 0, 1], shape=(n, n))
-    eye = sp.identity(n)
-    return (sp.kron(t, eye) + sp.kron(eye, t)).tocsr()
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, the functions run in turn ``repeats`` times."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def numpy_table(N: int, k: int, K: int, repeats: int) -> list[tuple[str, float, float]]:

@@ -310,10 +310,17 @@ def solve_vjp(
 
 
 def _check_cotangent(problem: _Problem, x_bar: Any) -> Any:
-    """``x_bar`` as a private 1-D copy (the reverse sweep may keep it; the caller may
-    modify theirs)."""
+    """``x_bar`` as a private copy (the reverse sweep may keep it; the caller may modify
+    theirs): 1-D for one right-hand side, ``(n, k)`` for a block."""
     n = problem.A.shape[0]
     x_bar = as_array(x_bar)
+    if problem.columns is not None:
+        if getattr(x_bar, "shape", None) != problem.b.shape:
+            raise ValueError(
+                f"x_bar must have the solution's shape {problem.b.shape}; got shape "
+                f"{getattr(x_bar, 'shape', None)}"
+            )
+        return x_bar.astype(problem.dtype, copy=True)
     if getattr(x_bar, "shape", None) not in ((n,), (n, 1)):
         raise ValueError(
             f"x_bar must have the solution's shape {problem.b_shape} (or ({n},)); got shape "

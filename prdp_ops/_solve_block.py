@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from prdp_ops import _solve as core
 from prdp_ops import _solve_args as solve_args
 from prdp_ops._operators.base import add_cotangents
 from prdp_ops._solution import BlockSolveResult, Cotangents, Status
@@ -120,42 +121,17 @@ def solve_vjp(problem: Any, adjoint: str, adjoint_settings: Any,
     run = _forward(problem, keep_tape=adjoint == "unrolled", callback=callback)
     result = _user_result(problem, run)
     if adjoint == "none" or run is None:
-        return result, _zero_vjp(problem)
+        return result, core._zero_vjp(problem)
     if adjoint == "unrolled":
         return result, _unrolled_vjp(problem, run)
     return result, _implicit_vjp(problem, adjoint_settings, run.result.x)
 
 
-def _check_cotangent(problem: Any, x_bar: Any) -> Any:
-    x_bar = solve_args.as_array(x_bar)
-    if getattr(x_bar, "shape", None) != problem.b.shape:
-        raise ValueError(
-            f"x_bar must have the solution's shape {problem.b.shape}; got shape "
-            f"{getattr(x_bar, 'shape', None)}"
-        )
-    return x_bar.astype(problem.dtype, copy=True)
-
-
-def _cotangents(problem: Any, b_bar: Any, x0_bar: Any, **kwargs: Any) -> Cotangents:
-    return Cotangents(b=b_bar, x0=x0_bar, **kwargs)
-
-
-def _zero_vjp(problem: Any) -> Callable[..., Cotangents]:
-    def vjp(x_bar: Any, **_: Any) -> Cotangents:
-        _check_cotangent(problem, x_bar)
-        xp = problem.ops.xp
-        params = {k: xp.zeros_like(v) for k, v in problem.A.parameters().items()}
-        return _cotangents(problem, xp.zeros_like(problem.b), xp.zeros_like(problem.x0),
-                           A=problem.A.format_cotangent(params))
-
-    return vjp
-
-
 def _unrolled_vjp(problem: Any, run: block_backend.BlockRun) -> Callable[..., Cotangents]:
     def vjp(x_bar: Any, **_: Any) -> Cotangents:
-        x_bar = _check_cotangent(problem, x_bar)
+        x_bar = core._check_cotangent(problem, x_bar)
         b_bar, x0_bar, column_params = unrolled_columns(problem, run, x_bar)
-        return _cotangents(problem, b_bar, x0_bar,
+        return core._cotangents(problem, b_bar, x0_bar,
                            A_thunk=lambda: problem.A.format_cotangent(column_params(None)))
 
     return vjp
@@ -206,7 +182,7 @@ def _implicit_vjp(problem: Any, adj: Any, X: Any) -> Callable[..., Cotangents]:
     A_H = problem.A.H
 
     def vjp(x_bar: Any, *, adjoint_x0: Any = None) -> Cotangents:
-        x_bar = _check_cotangent(problem, x_bar)
+        x_bar = core._check_cotangent(problem, x_bar)
         # Per-column max-norm scaling, as for one right-hand side (an underflowing <r, r>).
         scale = np.asarray(ops.to_host(xp.max(xp.abs(x_bar), axis=0)), dtype=np.float64)
         if not np.isfinite(scale).all():
@@ -233,7 +209,7 @@ def _implicit_vjp(problem: Any, adj: Any, X: Any) -> Callable[..., Cotangents]:
             residual_norms=result.residual_norms * scale, status=result.status,
             solver=result.solver, true_residual_norm=None if true is None else true * scale)
         neg_lam = -lam
-        return _cotangents(
+        return core._cotangents(
             problem, lam, xp.zeros_like(problem.x0), adjoint_result=adjoint_result,
             A_thunk=lambda: problem.A.format_cotangent(_column_param_vjp(problem.A, X,
                                                                          neg_lam)),
