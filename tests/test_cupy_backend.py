@@ -137,23 +137,32 @@ class _RecordedKernel:
             in_params, out_params, operation, name)
 
 
-def _kernel_sources() -> Any:
-    """backends/cupy.py loaded against a stub cupy, under a private module name."""
+def _load_with_stub_cupy(source: Path, name: str) -> Any:
+    """``source`` loaded against a stub cupy, under the private module name ``name``.
+
+    Every module the load imports that was not imported before (backends/cupy.py imports
+    ``_cupy_jax``) is dropped again, so no stub-bound module outlives the load."""
     stub = types.ModuleType("cupy")
     stub.ElementwiseKernel = _RecordedKernel
     stub.ndarray = type("ndarray", (), {})
-    saved = sys.modules.get("cupy")
+    before = dict(sys.modules)
     sys.modules["cupy"] = stub
     try:
-        spec = importlib.util.spec_from_file_location("_cupy_kernel_sources", BACKEND_SOURCE)
+        spec = importlib.util.spec_from_file_location(name, source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
-        if saved is None:
-            del sys.modules["cupy"]
-        else:
-            sys.modules["cupy"] = saved
+        for key in set(sys.modules) - set(before):
+            del sys.modules[key]
+        sys.modules.update(before)
+        if "cupy" not in before:
+            sys.modules.pop("cupy", None)
     return module
+
+
+def _kernel_sources() -> Any:
+    """backends/cupy.py loaded against a stub cupy, under a private module name."""
+    return _load_with_stub_cupy(BACKEND_SOURCE, "_cupy_kernel_sources")
 
 
 _HARNESS = """
@@ -308,9 +317,10 @@ def test_safe_divide_kernel_source_equals_generic_safe_divide(tmp_path, dtype):
 # -- the bridge's solve/adjoint logic, on NumPy arrays -----------------------------------------
 @pytest.fixture
 def bridge_on_host():
-    """backends/cupy.py with the device hand-off made the identity, so its bridge functions
-    run on NumPy arrays here (the zero-copy hand-off itself is tested on a GPU)."""
-    module = _kernel_sources()
+    """backends/_cupy_jax.py (the bridge functions backends/cupy.py re-exports) with the
+    device hand-off made the identity, so they run on NumPy arrays here (the zero-copy
+    hand-off itself is tested on a GPU)."""
+    module = _load_with_stub_cupy(BACKEND_SOURCE.with_name("_cupy_jax.py"), "_cupy_bridge_on_host")
     module.jax_to_cupy = lambda x: x
     return module
 
