@@ -124,6 +124,36 @@ network from one set by the physics, and the rule errs on the side of accuracy: 
 paper's rule where the network sets the floor, but never stalls below the ``k`` the problem
 needs.
 
+The start search (before the first training step)
+--------------------------------------------------
+An optimiser with memory pays for its first steps over the whole run: Adam's second-moment
+average (:math:`\beta_2 = 0.999`, a memory of about 1000 steps) keeps the scale of the
+gradients it saw first, so steps taken through too coarse physics cost accuracy that a
+refinement at the next check does not recover (measured in ``examples/RESULTS.md``). The
+rule therefore chooses the count *before* the first step, at the initial parameters
+:math:`\theta_0`, from the raw gradients (an optimiser's first update carries no magnitude:
+Adam's is :math:`\operatorname{sign}(g)` per coordinate, whose fidelity reads about 0):
+
+.. math::
+
+    k_0 = \min\{\, k \in \{k_\text{min},\ \gamma k_\text{min},\ \gamma^2 k_\text{min}, \dots\}
+    :\ \delta_k(\theta_0) \le \varepsilon \,\},
+
+the powers of :math:`\gamma` = ``growth`` rounded onto the ``k_min + j k_step`` grid and
+capped (the search ends at the caps). At :math:`\theta_0` the whole error lies ahead, and
+:math:`\delta_k(\theta_0) \le \varepsilon` is the inexact-gradient condition of the checks
+applied to the first step: the truncated physics gets at most a share :math:`\varepsilon` of
+the gradient wrong. The search grows ``k`` by :math:`\gamma`, not by the contraction estimate:
+with :math:`\gamma = 2` the next :math:`g_k` is the last :math:`g_{k'}`, so each step of the
+search costs one new gradient, and the whole search about four gradients at :math:`k_0`.
+
+The controller reads only the scalar; the caller runs the loop
+(``while controller.starting: controller.start(fidelity)``, see :meth:`PRDPController.start`),
+then trains with the rule above from the first check, which measures again at :math:`k_0`
+(there with the optimiser's update, if that is what the caller passes). A caller that never
+calls ``start`` gets the rule without it: the first :meth:`PRDPController.update` closes the
+search. The paper's rule has no start search.
+
 The paper's rule (``rule="plateau"``)
 --------------------------------------
 Let :math:`\ell_n \ge 0` be the loss of check :math:`n = 0, 1, \dots`.
@@ -191,33 +221,32 @@ history.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
+from prdp_ops._controller_base import ControllerReadout, logger
 from prdp_ops._controller_history import History, cumulative_iterations
 from prdp_ops._controller_rule import (
     DECISION_OF,
-    CheckRecord,
     Decision,
     as_signal,
     check_bool,
     check_int,
     init_state,
     make_hyperparameters,
+    start_update,
     update,
-    wants_fidelity,
 )
 from prdp_ops._controller_state import encode_state, parse_state
 
 __all__ = ["PRDPController", "cumulative_iterations"]
 
-logger = logging.getLogger("prdp_ops")
 # Checks that log nothing: most of them, so update() skips the call.
 _QUIET_REASONS = frozenset({"warm-up", "no plateau", "stopped", "fidelity ok",
                             "awaiting signal"})
 
-class PRDPController:
+
+class PRDPController(ControllerReadout):
     r"""Progressive refinement of a solver's iteration count from a loss signal.
 
     See the module documentation (:mod:`prdp_ops._controller`) for the rule with its maths.
@@ -284,6 +313,10 @@ class PRDPController:
     --------
     >>> import prdp_ops as po
     >>> controller = po.PRDPController(k_min=1, k_step=1, k_max=50)
+    >>> while controller.starting:  # before the first step     # doctest: +SKIP
+    ...     k_ref = min(2 * controller.k, 50)  # raw gradients at the initial params
+    ...     controller.start(po.gradient_fidelity(raw_grad(params, controller.k),
+    ...                                           raw_grad(params, k_ref)))
     >>> for epoch in range(n_epochs):                                   # doctest: +SKIP
     ...     params = train_one_epoch(params, maxiter=controller.k)
     ...     k_ref = min(2 * controller.k, 50)
@@ -327,94 +360,60 @@ class PRDPController:
         self._state = init_state(self._hp)
         self._history = History(self._hp, self._history_limit)
 
-    # ------------------------------------------------------------------ state
+    def start(self, fidelity: Any) -> Decision:
+        r"""One measurement of the start search, before the first training step.
 
-    @property
-    def k(self) -> int:
-        """Forward iteration count to use until the next check."""
-        return self._state.k
+        While :attr:`starting` is ``True``, measure the raw gradient fidelity at the
+        *initial* parameters, :math:`\delta_k = \lVert g_k - g_{k'} \rVert / \max(\lVert
+        g_k \rVert, \lVert g_{k'} \rVert)` with :math:`k' = \min(2k, k_\text{max})`
+        (:func:`prdp_ops.gradient_fidelity` of the raw loss gradients through :attr:`k` and
+        :math:`k'` iterations; not an optimiser's update, which at the first step carries no
+        magnitude), and pass it here. Above ``fidelity_tol`` the counts grow by ``growth``
+        (on their grids, capped) and the search goes on; at or below it, or at the caps, it
+        ends and :attr:`k` is the count training starts with. See the module documentation.
 
-    @property
-    def k_adjoint(self) -> int:
-        """Adjoint (backward) iteration count to use until the next check."""
-        return self._state.k_adjoint
+        Parameters
+        ----------
+        fidelity : float or 0-d array
+            The raw gradient fidelity at the current counts, finite and non-negative.
 
-    @property
-    def stopped(self) -> bool:
-        """Whether the last plateau decision was "stop" (final when ``latch=True``)."""
-        return self._state.stopped
+        Returns
+        -------
+        {"refine", "hold"}
+            ``"refine"``: :attr:`k` (and :attr:`k_adjoint`) were raised. ``"hold"``: the search
+            ended at the current counts (:attr:`starting` is now ``False``).
 
-    @property
-    def solver_converged(self) -> bool:
-        """Whether the last check's residual was at or below ``residual_tol``."""
-        return self._state.solver_converged
+        Raises
+        ------
+        RuntimeError
+            When the search is not open (after it ended, after the first :meth:`update`, or
+            under ``rule="plateau"``, which has no start search).
+        ValueError, TypeError
+            For a fidelity that is not a finite, non-negative real scalar; the state is
+            unchanged.
 
-    @property
-    def ema(self) -> float | None:
-        """Moving average after the last check (``None`` before the first)."""
-        return self._state.recent_emas[-1] if self._state.recent_emas else None
-
-    @property
-    def checkpoint(self) -> float | None:
-        """Average stored at the last refinement (``None`` before the first)."""
-        checkpoint = self._state.checkpoint
-        return None if checkpoint == float("inf") else checkpoint
-
-    @property
-    def num_checks(self) -> int:
-        """Number of :meth:`update` calls so far."""
-        return self._state.checks
-
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        """One new dict per kept check, oldest first, with the keys
-
-        ``check`` (index from 0), ``loss``, ``ema``, ``k`` and ``k_adjoint`` (the counts in
-        effect while this loss was produced, i.e. before the decision), ``decision``,
-        ``reason`` (``"warm-up"``, ``"no plateau"``, ``"improved"``, ``"worsened"``,
-        ``"no gain"``, ``"at k_max"``, ``"solver converged"`` or ``"stopped"``), ``plateau``,
-        ``checkpoint`` (the one the average was compared with; ``None`` = none yet),
-        ``residual``, ``converged_at_k``, ``capped``, and ``k_next`` / ``k_adjoint_next``
-        (the counts after the decision).
-
-        All checks, or the last ``history_limit``; after :meth:`load_state_dict` of a state
-        saved without its history, the checks since the load. Building the dicts costs about
-        a microsecond per check: in a loop, read it once.
+        Examples
+        --------
+        >>> controller = po.PRDPController(k_max=64)               # doctest: +SKIP
+        >>> while controller.starting:
+        ...     k, k_ref = controller.k, min(2 * controller.k, 64)
+        ...     controller.start(po.gradient_fidelity(raw_grad(params, k),
+        ...                                           raw_grad(params, k_ref)))
         """
-        return self._history.rows()
-
-    def hyperparameters(self) -> dict[str, Any]:
-        """The constructor arguments, resolved (adjoint defaults filled in)."""
-        return {**self._hp.as_dict(), "history_limit": self._history_limit}
-
-    def __repr__(self) -> str:
-        arguments = ", ".join(f"{name}={value!r}" for name, value in self.hyperparameters().items())
-        return f"PRDPController({arguments})"
-
-    # ------------------------------------------------------------------ the rule
-
-    @property
-    def rule(self) -> str:
-        """The refinement rule: ``"fidelity"`` or ``"plateau"``."""
-        return self._hp.rule
-
-    @property
-    def fidelity(self) -> float | None:
-        """The gradient fidelity last given at the current counts (``None`` since a
-        refinement or before any)."""
-        return self._state.fidelity
-
-    @property
-    def wants_fidelity(self) -> bool:
-        """Whether the rule asks for a fidelity measurement at the next check.
-
-        ``True`` at the first check at new counts and while the extrapolated fidelity is
-        within a factor 2 of the tolerance (where a measurement can change the decision);
-        ``False`` otherwise, at both caps and under ``rule="plateau"``. A measurement costs
-        solver work (two gradients), so a training loop measures only when asked; giving one
-        when not asked is allowed and used.
-        """
-        return wants_fidelity(self._hp, self._state)
+        if not self._state.searching:
+            why = ("rule 'plateau' has no start search" if self._hp.rule == "plateau"
+                   else "the search already ended" if self._state.checks == 0
+                   else "training has begun (update() was called)")
+            raise RuntimeError(
+                f"PRDPController.start: the start search is not open ({why}). Call start() "
+                f"only while controller.starting is True, before the first update()."
+            )
+        fidelity = as_signal("fidelity", fidelity, "start")
+        self._state, decision = start_update(self._hp, self._state, fidelity)
+        if decision == "refine":
+            logger.info("PRDP start: fidelity %.4g above fidelity_tol -> k %d, k_adjoint %d",
+                        fidelity, self.k, self.k_adjoint)
+        return decision
 
     def update(self, loss: Any, residual: Any = None, fidelity: Any = None) -> Decision:
         """Record one check and decide the iteration counts until the next one.
@@ -455,26 +454,6 @@ class PRDPController:
         if record.reason not in _QUIET_REASONS:
             self._log(check, record)
         return DECISION_OF[record.reason]
-
-    def _log(self, check: int, record: CheckRecord) -> None:
-        if record.decision == "refine":
-            logger.info(
-                "PRDP check %d: %s (ema %.6g) -> refine k %d -> %d, k_adjoint %d -> %d",
-                check, "fidelity above fidelity_tol" if record.reason == "fidelity"
-                else f"plateau ({record.reason})",
-                record.ema, record.k, self.k, record.k_adjoint,
-                self.k_adjoint,
-            )
-        elif record.decision == "stop":
-            logger.info(
-                "PRDP check %d: plateau without gain (ema %.6g, checkpoint %.6g) -> stop at k %d",
-                check, record.ema, record.checkpoint, record.k,
-            )
-        elif record.reason in ("at k_max", "solver converged"):
-            logger.debug(
-                "PRDP check %d: refinement due but held (%s) at k %d",
-                check, record.reason, record.k,
-            )
 
     # ------------------------------------------------------------------ persistence
 

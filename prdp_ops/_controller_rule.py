@@ -1,26 +1,40 @@
 """The PRDP rule as a pure function: validated hyperparameters, plain state, pure update.
 
-Modelled on optax's ``contrib/_reduce_on_plateau.py``: :func:`make_hyperparameters` checks
-every argument once and returns a frozen :class:`Hyperparameters`; :class:`ControllerState`
-is an immutable tuple of plain Python scalars (O(1) in the number of checks); and
-:func:`update` maps ``(hyperparameters, state, loss, residual)`` to the next state and a
-:class:`CheckRecord` of what was seen and decided, touching nothing else. The rule itself is
-described, with its maths, in :mod:`prdp_ops._controller`; :class:`~prdp_ops.PRDPController`
-wraps these functions with validation of the signals, a history and persistence.
+Modelled on optax's ``contrib/_reduce_on_plateau.py``: :func:`make_hyperparameters`
+(:mod:`prdp_ops._controller_params`) checks every argument once and returns a frozen
+:class:`Hyperparameters`; :class:`ControllerState` is an immutable tuple of plain Python
+scalars (O(1) in the number of checks); :func:`update` maps ``(hyperparameters, state, loss,
+residual, fidelity)`` to the next state and a :class:`CheckRecord` of what was seen and
+decided, and :func:`start_update` maps ``(hyperparameters, state, fidelity)`` to the next
+state of the start search, touching nothing else. The rule itself is described, with its
+maths, in :mod:`prdp_ops._controller`; :class:`~prdp_ops.PRDPController` wraps these functions
+with validation of the signals, a history and persistence.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import math
-import numbers
-from typing import Any, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from prdp_ops._controller_fidelity import jump_factor, predicted_fidelity, tolerance
+from prdp_ops._controller_params import (
+    DEFAULT_FIDELITY_POWER,
+    DEFAULT_FIDELITY_TOL,
+    DEFAULT_GROWTH,
+    MAX_COUNT,
+    RULES,
+    Hyperparameters,
+    as_signal,
+    check_bool,
+    check_int,
+    make_hyperparameters,
+)
 
 __all__ = [
     "DECISION_OF",
+    "DEFAULT_FIDELITY_POWER",
+    "DEFAULT_FIDELITY_TOL",
+    "DEFAULT_GROWTH",
     "REASONS",
     "REASON_CODE",
     "REFINE_REASONS",
@@ -31,12 +45,14 @@ __all__ = [
     "Hyperparameters",
     "advance",
     "as_signal",
+    "at_caps",
     "check_bool",
     "check_int",
     "init_state",
     "make_hyperparameters",
     "next_count",
     "predicted_fidelity",
+    "start_update",
     "update",
     "wants_fidelity",
 ]
@@ -53,13 +69,6 @@ REASONS: tuple[str, ...] = (
 )
 REASON_CODE = {reason: code for code, reason in enumerate(REASONS)}
 REFINE_REASONS = frozenset({"improved", "worsened", "plateau", "fidelity"})
-#: The refinement rules by name: the paper's, and the gradient-fidelity rule (the default).
-RULES: tuple[str, ...] = ("fidelity", "plateau")
-#: Defaults of the fidelity rule's own settings (also what a state saved before they existed
-#: is read with; they do not affect rule="plateau").
-DEFAULT_FIDELITY_TOL = 0.1
-DEFAULT_GROWTH = 2.0
-DEFAULT_FIDELITY_POWER = 0.0
 #: A fidelity is measured again once the metric fell by this factor since the measurement.
 STALE_FALL = 10.0
 # The reason determines the decision, so the history stores only the reason.
@@ -67,226 +76,6 @@ DECISION_OF: dict[str, Decision] = {
     reason: "refine" if reason in REFINE_REASONS else "stop" if reason == "no gain" else "hold"
     for reason in REASONS
 }
-
-# Iteration counts are kept in int64 columns of the history; with counts and steps below
-# 2**31, k stays below 2**63 for more than 4 billion refinements.
-_MAX_COUNT = 2**31 - 1
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """``value`` as a Python int in ``[minimum, maximum]``, or a TypeError/ValueError naming it."""
-    span = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"PRDPController: {name} must be an integer {span}; received {value!r} "
-            f"of type {type(value).__name__}."
-        )
-    if value < minimum or (maximum is not None and value > maximum):
-        raise ValueError(f"PRDPController: {name} must be {span}; received {value}.")
-    return int(value)
-
-
-def _check_count(name: str, value: Any, *, optional: bool = False) -> int | None:
-    if optional and value is None:
-        return None
-    return check_int(name, value, 1, _MAX_COUNT)
-
-
-def _check_positive_float(name: str, value: Any, *, at_most_one: bool = False) -> float:
-    bound = f"0 < {name} <= 1" if at_most_one else f"0 < {name} (finite)"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"PRDPController: {name} must be a real number with {bound}; received {value!r} "
-            f"of type {type(value).__name__}."
-        )
-    value = float(value)
-    if not (math.isfinite(value) and value > 0 and (value <= 1 or not at_most_one)):
-        raise ValueError(f"PRDPController: {name} must satisfy {bound}; received {value!r}.")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    """``value`` if it is exactly True or False, else a TypeError naming it."""
-    if not isinstance(value, bool):
-        raise TypeError(
-            f"PRDPController: {name} must be True or False; received {value!r} "
-            f"of type {type(value).__name__}."
-        )
-    return value
-
-
-def _check_cap(name: str, cap: int | None, floor_name: str, floor: int) -> None:
-    if cap is not None and cap < floor:
-        raise ValueError(
-            f"PRDPController: {name} must be >= {floor_name} ({floor}); received {cap}. "
-            f"Raise {name}, lower {floor_name}, or pass {name}=None for no cap."
-        )
-
-
-def _check_residual_tol(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"PRDPController: residual_tol must be a real number >= 0 or None; received "
-            f"{value!r} of type {type(value).__name__}."
-        )
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(
-            f"PRDPController: residual_tol must be finite and >= 0 (or None to ignore "
-            f"residuals); received {value!r}."
-        )
-    return value
-
-
-def as_signal(name: str, value: Any) -> float:
-    """A finite, non-negative Python float from a Python/NumPy/JAX real scalar.
-
-    The rule compares ratios of the signal, which only make sense for a non-negative metric
-    (an MSE, a relative error, a residual norm).
-    """
-    if isinstance(value, bool) or isinstance(value, (str, bytes)) or value is None:
-        raise TypeError(
-            f"PRDPController.update: {name} must be a real scalar; received {value!r} of type "
-            f"{type(value).__name__}."
-        )
-    dtype_kind = getattr(getattr(value, "dtype", None), "kind", "")
-    if isinstance(value, complex) or dtype_kind == "c":
-        raise ValueError(
-            f"PRDPController.update: {name} must be real; received the complex value "
-            f"{value!r}. Pass its absolute value or real part."
-        )
-    if getattr(value, "ndim", 0) != 0:
-        raise ValueError(
-            f"PRDPController.update: {name} must be a scalar (0-d); received an array of shape "
-            f"{getattr(value, 'shape', '?')}. Reduce it (e.g. take the mean) first."
-        )
-    try:
-        number = float(value)
-    except (TypeError, ValueError) as error:
-        raise TypeError(
-            f"PRDPController.update: {name} must be a real scalar; received {value!r} of type "
-            f"{type(value).__name__}."
-        ) from error
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(
-            f"PRDPController.update: {name} must be finite and non-negative; received "
-            f"{number!r}. The controller state is unchanged; check the training run for "
-            f"divergence (NaN/inf) or pass a non-negative metric such as an MSE."
-        )
-    return number
-
-
-# --------------------------------------------------------------------------- hyperparameters
-
-
-@dataclasses.dataclass(frozen=True)
-class Hyperparameters:
-    """The rule's settings, validated and resolved (adjoint defaults filled in).
-
-    Build it with :func:`make_hyperparameters`, which checks every field; the fields mean
-    what the arguments of :class:`~prdp_ops.PRDPController` of the same names mean.
-    """
-
-    k_min: int
-    k_step: int
-    k_max: int | None
-    tau_step: float
-    tau_stop: float
-    ema_window: int
-    lookback: int
-    k_adjoint_min: int
-    k_adjoint_step: int
-    k_adjoint_max: int | None
-    latch: bool
-    use_ema: bool
-    residual_tol: float | None
-    rule: str = "plateau"
-    fidelity_tol: float = DEFAULT_FIDELITY_TOL
-    growth: float = DEFAULT_GROWTH
-    fidelity_power: float = DEFAULT_FIDELITY_POWER
-
-    @functools.cached_property
-    def alpha(self) -> float:
-        """Weight of the newest loss in the moving average (1 means no smoothing)."""
-        return 2.0 / (self.ema_window + 1) if self.use_ema else 1.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields as a plain dict, in constructor order (JSON-serialisable)."""
-        return dataclasses.asdict(self)
-
-
-def make_hyperparameters(
-    k_min: Any = 1,
-    k_step: Any = 1,
-    k_max: Any = None,
-    tau_step: Any = 0.98,
-    tau_stop: Any = 0.9,
-    ema_window: Any = 6,
-    lookback: Any = 3,
-    *,
-    k_adjoint_min: Any = None,
-    k_adjoint_step: Any = None,
-    k_adjoint_max: Any = None,
-    latch: Any = True,
-    use_ema: Any = True,
-    residual_tol: Any = None,
-    rule: Any = "fidelity",
-    fidelity_tol: Any = DEFAULT_FIDELITY_TOL,
-    growth: Any = DEFAULT_GROWTH,
-    fidelity_power: Any = DEFAULT_FIDELITY_POWER,
-) -> Hyperparameters:
-    """Validate the rule's arguments; see :class:`~prdp_ops.PRDPController` for each.
-
-    Raises
-    ------
-    TypeError, ValueError
-        Naming the first bad argument, what was received and what is allowed.
-    """
-    k_min = _check_count("k_min", k_min)
-    k_step = _check_count("k_step", k_step)
-    k_max = _check_count("k_max", k_max, optional=True)
-    _check_cap("k_max", k_max, "k_min", k_min)
-    tau_step = _check_positive_float("tau_step", tau_step)
-    tau_stop = _check_positive_float("tau_stop", tau_stop, at_most_one=True)
-    ema_window = check_int("ema_window", ema_window, 1)
-    lookback = check_int("lookback", lookback, 2)
-    adjoint_min = _check_count("k_adjoint_min", k_adjoint_min, optional=True)
-    adjoint_step = _check_count("k_adjoint_step", k_adjoint_step, optional=True)
-    adjoint_max = _check_count("k_adjoint_max", k_adjoint_max, optional=True)
-    adjoint_min = k_min if adjoint_min is None else adjoint_min
-    adjoint_max = k_max if adjoint_max is None else adjoint_max
-    _check_cap("k_adjoint_max", adjoint_max, "k_adjoint_min", adjoint_min)
-    if not isinstance(rule, str) or rule not in RULES:
-        raise (ValueError if isinstance(rule, str) else TypeError)(
-            f"PRDPController: rule must be one of {list(RULES)}; received {rule!r}. "
-            f"'plateau' is the paper's rule, 'fidelity' the gradient-fidelity rule."
-        )
-    fidelity_tol = _check_positive_float("fidelity_tol", fidelity_tol)
-    growth = _check_positive_float("growth", growth)
-    if growth < 1:
-        raise ValueError(f"PRDPController: growth must be >= 1 (1 refines by k_step alone); "
-                         f"received {growth!r}.")
-    if isinstance(fidelity_power, bool) or not isinstance(fidelity_power, numbers.Real):
-        raise TypeError(f"PRDPController: fidelity_power must be a real number >= 0; received "
-                        f"{fidelity_power!r} of type {type(fidelity_power).__name__}.")
-    fidelity_power = float(fidelity_power)
-    if not (math.isfinite(fidelity_power) and fidelity_power >= 0):
-        raise ValueError(f"PRDPController: fidelity_power must be finite and >= 0; received "
-                         f"{fidelity_power!r}.")
-    return Hyperparameters(
-        k_min=k_min, k_step=k_step, k_max=k_max, tau_step=tau_step, tau_stop=tau_stop,
-        ema_window=ema_window, lookback=lookback, k_adjoint_min=adjoint_min,
-        k_adjoint_step=k_step if adjoint_step is None else adjoint_step,
-        k_adjoint_max=adjoint_max, latch=check_bool("latch", latch),
-        use_ema=check_bool("use_ema", use_ema), residual_tol=_check_residual_tol(residual_tol),
-        rule=rule, fidelity_tol=fidelity_tol, growth=growth, fidelity_power=fidelity_power,
-    )
-
 
 # --------------------------------------------------------------------------- state and rule
 
@@ -302,7 +91,11 @@ class ControllerState(NamedTuple):
     at which ``fidelity`` was given, from which the rule extrapolates it; ``level_start`` the
     index of the first check at the current counts and ``measured_check`` the index of the
     check that gave ``fidelity`` (``None`` with it), which space the measurements it asks for
-    (rule ``"fidelity"`` only).
+    (rule ``"fidelity"`` only). ``searching`` is whether the start search is open (before the
+    first check, rule ``"fidelity"`` only: :func:`start_update`); ``start_k`` and
+    ``start_k_adjoint`` are the counts the first check runs with (the minima, or where the
+    search ended), and ``start_fidelity`` is the last fidelity the search was given (``None``
+    when none).
     """
 
     checks: int
@@ -318,6 +111,10 @@ class ControllerState(NamedTuple):
     fidelity_ema: float | None = None
     level_start: int = 0
     measured_check: int | None = None
+    searching: bool = False
+    start_k: int = 1
+    start_k_adjoint: int = 1
+    start_fidelity: float | None = None
 
 
 class CheckRecord(NamedTuple):
@@ -344,12 +141,14 @@ class CheckRecord(NamedTuple):
         return DECISION_OF[self.reason]
 
 
-def init_state(hyperparameters: Hyperparameters) -> ControllerState:
-    """The state before the first check."""
+def init_state(hp: Hyperparameters) -> ControllerState:
+    """The state before the first check: the start search is open under rule ``"fidelity"``
+    unless both counts start at their caps (no more refined count to compare with)."""
     return ControllerState(
-        checks=0, recent_emas=(), k=hyperparameters.k_min,
-        k_adjoint=hyperparameters.k_adjoint_min, checkpoint=math.inf, stopped=False,
-        solver_converged=False,
+        checks=0, recent_emas=(), k=hp.k_min, k_adjoint=hp.k_adjoint_min, checkpoint=math.inf,
+        stopped=False, solver_converged=False,
+        searching=hp.rule == "fidelity" and not at_caps(hp, hp.k_min, hp.k_adjoint_min),
+        start_k=hp.k_min, start_k_adjoint=hp.k_adjoint_min,
     )
 
 
@@ -375,6 +174,37 @@ def next_count(hp: Hyperparameters, count: int, step: int, cap: int | None,
     return advance(count, step, cap)
 
 
+def at_caps(hp: Hyperparameters, k: int, k_adjoint: int) -> bool:
+    """Whether no refinement can change either count (both at their caps)."""
+    return (k == next_count(hp, k, hp.k_step, hp.k_max)
+            and k_adjoint == next_count(hp, k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max))
+
+
+def start_update(hp: Hyperparameters, state: ControllerState,
+                 fidelity: float) -> tuple[ControllerState, Decision]:
+    """One measurement of the start search: the next state and ``"refine"`` or ``"hold"`` (pure).
+
+    The search runs before the first training step, on the raw gradient fidelity at the
+    initial parameters (see :mod:`prdp_ops._controller`): ``fidelity`` above ``fidelity_tol``
+    multiplies both counts by ``growth`` on their grids (capped), anything else ends the
+    search at the current counts. It also ends where the counts reach their caps (no more
+    refined count is left to compare with) or where a count would leave the range of counts
+    the history stores. ``state.searching`` must be ``True`` (the controller checks it).
+    """
+    if fidelity <= hp.fidelity_tol:
+        return state._replace(searching=False, start_fidelity=fidelity), "hold"
+    # Doubling (growth), not the contraction estimate's jump: the search compares k with 2k,
+    # so the next measurement's g_k is the last one's g_2k (the caller may reuse it) and the
+    # count it ends at is the first of k_min, 2 k_min, 4 k_min, ... that meets the tolerance.
+    k = next_count(hp, state.k, hp.k_step, hp.k_max)
+    k_adjoint = next_count(hp, state.k_adjoint, hp.k_adjoint_step, hp.k_adjoint_max)
+    if (k, k_adjoint) == (state.k, state.k_adjoint) or max(k, k_adjoint) > MAX_COUNT:
+        return state._replace(searching=False, start_fidelity=fidelity), "hold"
+    return state._replace(k=k, k_adjoint=k_adjoint, start_k=k, start_k_adjoint=k_adjoint,
+                          searching=not at_caps(hp, k, k_adjoint),
+                          start_fidelity=fidelity), "refine"
+
+
 def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
     """Whether the next check should bring a new fidelity measurement (rule ``"fidelity"``).
 
@@ -385,14 +215,12 @@ def wants_fidelity(hp: Hyperparameters, state: ControllerState) -> bool:
     measurement reach half the checks spent at these counts, so that a level held for ``N``
     checks costs ``O(log N)`` measurements and a change is seen within half the level's age --
     and once the metric fell by :data:`STALE_FALL` since the measurement (one per decade of
-    progress). Never at both caps, and never under the paper's rule.
+    progress). While the start search is open, every measurement goes to it
+    (:func:`start_update`). Never at both caps, and never under the paper's rule.
     """
-    if hp.rule != "fidelity" or (
-            state.k == next_count(hp, state.k, hp.k_step, hp.k_max)
-            and state.k_adjoint == next_count(hp, state.k_adjoint, hp.k_adjoint_step,
-                                              hp.k_adjoint_max)):
+    if hp.rule != "fidelity" or at_caps(hp, state.k, state.k_adjoint):
         return False
-    if state.fidelity is None or not state.recent_emas:
+    if state.searching or state.fidelity is None or not state.recent_emas:
         return True
     ema = state.recent_emas[-1]
     first = ema if state.first_ema is None else state.first_ema
@@ -455,7 +283,7 @@ def update(
     )
     plateau = state.checks >= hp.lookback and _ratio(ema, recent[0]) > hp.tau_step
     (checks, _, k, k_adjoint, checkpoint, stopped, _, current, seen, first, measured,
-     level_start, measured_check) = state
+     level_start, measured_check, _, start_k, start_k_adjoint, start_fidelity) = state
     first = ema if first is None else first
     if hp.rule == "fidelity" and fidelity is not None:
         current, seen, measured, measured_check = fidelity, True, ema, checks
@@ -480,18 +308,18 @@ def update(
             level_start, measured_check = checks + 1, None
     elif reason == "no gain":
         stopped = True
+    # The first check closes the start search, whether or not it ran (searching=False).
     return ControllerState(checks + 1, recent, k, k_adjoint, checkpoint, stopped,
                            converged, current, seen, first, measured, level_start,
-                           measured_check), record
+                           measured_check, False, start_k, start_k_adjoint,
+                           start_fidelity), record
 
 
 def _held(hp: Hyperparameters, state: ControllerState, converged: bool) -> str | None:
     """Why a refinement that is due is held instead, or ``None`` when it goes ahead."""
     if converged:
         return "solver converged"
-    if state.k == next_count(hp, state.k, hp.k_step, hp.k_max) and (
-            state.k_adjoint == next_count(hp, state.k_adjoint, hp.k_adjoint_step,
-                                          hp.k_adjoint_max)):
+    if at_caps(hp, state.k, state.k_adjoint):
         return "at k_max"
     return None
 

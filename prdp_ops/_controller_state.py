@@ -1,6 +1,6 @@
 """Saving and restoring a :class:`~prdp_ops.PRDPController`: ``state_dict`` and its parser.
 
-A state (format ``"prdp_ops.PRDPController"``, version 4) is a dict of JSON-serialisable plain
+A state (format ``"prdp_ops.PRDPController"``, version 5) is a dict of JSON-serialisable plain
 values in two parts:
 
 - the **resume state**, O(1) in the number of checks and enough to continue exactly:
@@ -13,7 +13,11 @@ values in two parts:
   ``fidelity`` is), ``level_start`` (the index of the first check at the current counts) and
   ``measured_check`` (the index of the check that gave ``fidelity``, ``None`` with it) -- the
   last three new in version 4, read from a version-3 state as if the fidelity had been given
-  at the last check, which began its level;
+  at the last check, which began its level; ``searching`` (whether the start search is open),
+  ``start_k`` and ``start_k_adjoint`` (the counts of the first check) and ``start_fidelity``
+  (the last fidelity the search was given, or ``None``) -- new in version 5, read from an
+  older state as a controller that never searched (counts from ``k_min``) and, before its
+  first check under rule ``"fidelity"``, as a fresh one (its search still open);
 - the **history**, ``None`` when left out (``state_dict(include_history=False)``) or the
   columnar dict of :meth:`prdp_ops._controller_history.History.to_json`: about 50 bytes of JSON
   per check kept (at most ``history_limit`` of them).
@@ -30,38 +34,35 @@ from __future__ import annotations
 
 import math
 import numbers
-from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
 from prdp_ops._controller_columns import ColumnError, as_list, decode_json, describe
-from prdp_ops._controller_fidelity import MAX_GROWTH_POWER
-from prdp_ops._controller_history import ROW_KEYS, History, converged, run_lengths
+from prdp_ops._controller_history import ROW_KEYS, History, run_lengths
 from prdp_ops._controller_rule import (
-    DECISION_OF,
     DEFAULT_FIDELITY_POWER,
     DEFAULT_FIDELITY_TOL,
     DEFAULT_GROWTH,
     REASON_CODE,
     REASONS,
-    REFINE_REASONS,
     ControllerState,
     Hyperparameters,
+    at_caps,
 )
+from prdp_ops._controller_state_check import check_history
 
 __all__ = ["STATE_FORMAT", "STATE_VERSION", "encode_state", "parse_state"]
 
 STATE_FORMAT = "prdp_ops.PRDPController"
-STATE_VERSION = 4
-_READABLE_VERSIONS = (1, 2, 3, 4)
+STATE_VERSION = 5
+_READABLE_VERSIONS = (1, 2, 3, 4, 5)
 _STATE_KEYS_V2 = frozenset(
     {"format", "version", "hyperparameters", "checks", "recent_emas", "k", "k_adjoint",
      "checkpoint", "stopped", "solver_converged", "history"}
 )
 _STATE_KEYS_V3 = _STATE_KEYS_V2 | {"fidelity", "signal_seen", "first_ema"}
-_STATE_KEYS = _STATE_KEYS_V3 | {"fidelity_ema", "level_start", "measured_check"}
+_STATE_KEYS_V4 = _STATE_KEYS_V3 | {"fidelity_ema", "level_start", "measured_check"}
+_STATE_KEYS = _STATE_KEYS_V4 | {"searching", "start_k", "start_k_adjoint", "start_fidelity"}
 # What a state saved before the rule was a setting (versions 1 and 2) was run with.
 _PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY_TOL,
                              "growth": DEFAULT_GROWTH,
@@ -69,15 +70,6 @@ _PRE_RULE_HYPERPARAMETERS = {"rule": "plateau", "fidelity_tol": DEFAULT_FIDELITY
 # Settings that shape only the bookkeeping, not the decisions: a state may be loaded into a
 # controller whose value differs (the loaded history is then cut to this controller's limit).
 _BOOKKEEPING = ("history_limit",)
-_REFINE_CODES = [REASON_CODE[reason] for reason in REFINE_REASONS]
-_PLATEAU_REASONS = ("improved", "worsened", "no gain", "at k_max", "solver converged")
-# The reasons each rule can give (REASONS lists them all, for the codes).
-_RULE_REASONS = {
-    "plateau": ("warm-up", "no plateau", "improved", "worsened", "no gain", "at k_max",
-                "solver converged", "stopped"),
-    "fidelity": ("warm-up", "no plateau", "at k_max", "solver converged", "plateau",
-                 "fidelity", "fidelity ok", "awaiting signal"),
-}
 _FIX_STATE = ("Pass a dict returned by PRDPController.state_dict() unmodified (a json.dumps/"
               "json.loads round trip is fine).")
 _FIX_HISTORY = ("The saved history is corrupt: set state['history'] = None to resume without "
@@ -87,7 +79,7 @@ _FIX_HISTORY = ("The saved history is corrupt: set state['history'] = None to re
 def encode_state(
     hyperparameters: Mapping[str, Any], state: ControllerState, history: History | None
 ) -> dict[str, Any]:
-    """The version-4 state dict of ``state`` and, unless ``None``, ``history``."""
+    """The version-5 state dict of ``state`` and, unless ``None``, ``history``."""
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -105,6 +97,10 @@ def encode_state(
         "fidelity_ema": state.fidelity_ema,
         "level_start": state.level_start,
         "measured_check": state.measured_check,
+        "searching": state.searching,
+        "start_k": state.start_k,
+        "start_k_adjoint": state.start_k_adjoint,
+        "start_fidelity": state.start_fidelity,
         "history": None if history is None else history.to_json(),
     }
 
@@ -193,8 +189,8 @@ def parse_state(
                         f"state_dict(); received {type(saved).__name__}.")
     keys = set(saved)
     saved_version = saved.get("version") if type(saved.get("version")) is int else None
-    expected_keys = (_STATE_KEYS_V2 if saved_version in (1, 2)
-                     else _STATE_KEYS_V3 if saved_version == 3 else _STATE_KEYS)
+    expected_keys = {1: _STATE_KEYS_V2, 2: _STATE_KEYS_V2, 3: _STATE_KEYS_V3,
+                     4: _STATE_KEYS_V4}.get(saved_version, _STATE_KEYS)
     if keys != expected_keys:
         missing, unknown = sorted(expected_keys - keys), sorted(map(str, keys - expected_keys))
         raise _error("state", f"is not a PRDPController state (missing keys {missing}, "
@@ -219,11 +215,15 @@ def parse_state(
     recent_emas = tuple(_number(f"state['recent_emas'][{i}]", v) for i, v in enumerate(recent))
     checkpoint = saved["checkpoint"]
     checkpoint = math.inf if checkpoint is None else _number("state['checkpoint']", checkpoint)
+    searching, start_k, start_k_adjoint, start_fidelity = _parse_start(
+        saved, version, hp, checks, k, k_adjoint)
     # Every refinement changes a count (a due one at both caps is held), and only a refinement
-    # sets the checkpoint: "no checkpoint" is exactly "both counts at their minimum".
-    if math.isinf(checkpoint) != ((k, k_adjoint) == (hp.k_min, hp.k_adjoint_min)):
+    # at a check sets the checkpoint: "no checkpoint" is exactly "both counts where the first
+    # check ran them" (the minima, or where the start search ended).
+    if math.isinf(checkpoint) != ((k, k_adjoint) == (start_k, start_k_adjoint)):
         raise _error("state['checkpoint']", f"= {saved['checkpoint']!r} contradicts k = {k}, "
-                     f"k_adjoint = {k_adjoint} (None exactly while both are at their minimum).")
+                     f"k_adjoint = {k_adjoint} (None exactly while both are at their start, "
+                     f"{start_k} and {start_k_adjoint}).")
     flags = {}
     for name in ("stopped", "solver_converged"):
         if not isinstance(saved[name], bool):
@@ -276,8 +276,47 @@ def parse_state(
                             checkpoint=checkpoint, **flags, fidelity=fidelity,
                             signal_seen=signal_seen, first_ema=first_ema,
                             fidelity_ema=fidelity_ema, level_start=level_start,
-                            measured_check=measured_check)
+                            measured_check=measured_check, searching=searching,
+                            start_k=start_k, start_k_adjoint=start_k_adjoint,
+                            start_fidelity=start_fidelity)
     return state, _parse_history(saved["history"], version, hp, history_limit, state)
+
+
+def _parse_start(
+    saved: Mapping[str, Any], version: int, hp: Hyperparameters, checks: int, k: int,
+    k_adjoint: int,
+) -> tuple[bool, int, int, float | None]:
+    """The start search's fields (version 5), or what an older state implies: no search ran,
+    and a state saved before its first check under rule ``"fidelity"`` is a fresh one."""
+    if version < 5:
+        searching = hp.rule == "fidelity" and checks == 0 and not at_caps(hp, k, k_adjoint)
+        return searching, hp.k_min, hp.k_adjoint_min, None
+    if not isinstance(saved["searching"], bool):
+        raise _error("state['searching']", f"must be True or False; "
+                                           f"{_received(saved['searching'])}")
+    searching = saved["searching"]
+    if searching and (hp.rule != "fidelity" or checks > 0 or at_caps(hp, k, k_adjoint)):
+        raise _error("state['searching']", f"= True contradicts rule = {hp.rule!r}, checks = "
+                     f"{checks}, k = {k} (the search is open only under rule 'fidelity', "
+                     f"before the first check and below the caps).")
+    start_k = _count(saved, "start_k", hp.k_min, hp.k_step, hp.k_max)
+    start_k_adjoint = _count(saved, "start_k_adjoint", hp.k_adjoint_min, hp.k_adjoint_step,
+                             hp.k_adjoint_max)
+    if start_k > k or start_k_adjoint > k_adjoint or (
+            checks == 0 and (start_k, start_k_adjoint) != (k, k_adjoint)):
+        raise _error("state['start_k']", f"= {start_k} (start_k_adjoint = {start_k_adjoint}) "
+                     f"contradicts k = {k}, k_adjoint = {k_adjoint} (the counts never fall, "
+                     f"and before the first check they are the start counts).")
+    start_fidelity = saved["start_fidelity"]
+    if start_fidelity is not None:
+        start_fidelity = _number("state['start_fidelity']", start_fidelity)
+    moved = (start_k, start_k_adjoint) != (hp.k_min, hp.k_adjoint_min)
+    if (moved and start_fidelity is None) or (hp.rule == "plateau" and (
+            moved or start_fidelity is not None)):
+        raise _error("state['start_fidelity']", f"= {start_fidelity!r} contradicts rule = "
+                     f"{hp.rule!r}, start_k = {start_k} (a start above k_min comes from a "
+                     f"measured fidelity; the paper's rule has no start search).")
+    return searching, start_k, start_k_adjoint, start_fidelity
 
 
 def _parse_history(
@@ -292,7 +331,7 @@ def _parse_history(
                                       f"received {describe(saved)}.")
             saved_rows, saved = saved, _rows_to_json(saved, 0)
         columns, first = decode_json(saved, expected_end=state.checks)
-        _check_history(columns, first, hp, state)
+        check_history(columns, first, hp, state)
         if version == 1:
             derived = History.from_columns(columns, hp, None, state.checks).rows()
             for index, (entry, expected) in enumerate(zip(saved_rows, derived, strict=True)):
@@ -331,124 +370,3 @@ def _rows_to_json(rows: Any, first_check: int) -> dict[str, Any]:
         "k": run_lengths(column("k")), "k_adjoint": run_lengths(column("k_adjoint")),
         "checkpoint": run_lengths(column("checkpoint")),
     }
-
-
-def _first(mask: np.ndarray) -> int | None:
-    indices = np.flatnonzero(mask)
-    return int(indices[0]) if indices.size else None
-
-
-def _check_history(
-    columns: Mapping[str, array], first: int, hp: Hyperparameters, state: ControllerState
-) -> None:
-    """The fields against the rule and the resume state (vectorised; O(n) in C).
-
-    Checks what a plot or :func:`cumulative_iterations` relies on: the counts change exactly
-    at refinements, by the configured steps, and end at the resume state's counts; reasons
-    agree with the warm-up, the plateau flag, the residual and the caps; the checkpoints
-    follow the refinements; the last averages are the resume state's.
-    """
-    length = len(columns["loss"])
-    if length == 0:
-        return
-    reason = np.frombuffer(columns["reason"], dtype=np.uint8)
-    plateau = np.frombuffer(columns["plateau"], dtype=np.uint8).astype(bool)
-    residual = np.frombuffer(columns["residual"], dtype=np.float64)
-    ema = np.frombuffer(columns["ema"], dtype=np.float64)
-    refine = np.isin(reason, _REFINE_CODES)
-
-    def check(mask: np.ndarray, field: str, message: Callable[[int], str]) -> None:
-        index = _first(mask)
-        if index is not None:
-            raise ColumnError((field, index), f"at check {first + index}: {message(index)}")
-
-    def reason_at(index: int) -> str:
-        return REASONS[reason[index]]
-
-    allowed = _RULE_REASONS[hp.rule]
-    check(~np.isin(reason, [REASON_CODE[name] for name in allowed]), "reason",
-          lambda i: f"reason {reason_at(i)!r} is not one of rule {hp.rule!r}'s: {list(allowed)}.")
-    early = first + np.arange(length) < hp.lookback
-    warm_up = reason == REASON_CODE["warm-up"]
-    if hp.rule == "fidelity":
-        # A measured fidelity decides from the first check; the warm-up holds only the
-        # loss-only fallback, so within the first lookback checks a check is either warm-up
-        # or decided on a fidelity.
-        decided = np.isin(reason, [REASON_CODE[name] for name in (
-            "fidelity", "fidelity ok", "at k_max", "solver converged")])
-        check((warm_up & ~early) | (early & ~warm_up & ~decided), "reason",
-              lambda i: f"reason {reason_at(i)!r} contradicts the warm-up: the first lookback "
-                        f"= {hp.lookback} checks are warm-up or decided on a fidelity, and "
-                        f"no later one is warm-up.")
-    else:
-        check(warm_up != early, "reason",
-              lambda i: f"reason {reason_at(i)!r} contradicts the warm-up, which is exactly "
-                        f"the first lookback = {hp.lookback} checks.")
-    # Under rule="fidelity" a held refinement ("at k_max", "solver converged") may be due to
-    # the fidelity signal, without a plateau; only the loss-only "plateau" refinement needs one.
-    plateau_reasons = _PLATEAU_REASONS if hp.rule == "plateau" else ("plateau",)
-    needs = np.isin(reason, [REASON_CODE[name] for name in plateau_reasons])
-    excludes = np.isin(reason, [REASON_CODE["warm-up"], REASON_CODE["no plateau"]])
-    check((needs & ~plateau) | (excludes & plateau), "plateau",
-          lambda i: f"plateau = {int(plateau[i])} contradicts the reason {reason_at(i)!r}.")
-    tol = -1.0 if hp.residual_tol is None else hp.residual_tol  # NaN (no residual) <= tol: False
-    check((reason == REASON_CODE["solver converged"]) & ~(residual <= tol), "reason",
-          lambda i: f"'solver converged' needs a residual <= residual_tol ({hp.residual_tol}); "
-                    f"the residual is {residual[i]}.")
-    below_cap = np.zeros(length, dtype=bool)
-    for name, minimum, step, cap, now in (
-        ("k", hp.k_min, hp.k_step, hp.k_max, state.k),
-        ("k_adjoint", hp.k_adjoint_min, hp.k_adjoint_step, hp.k_adjoint_max, state.k_adjoint),
-    ):
-        counts = np.frombuffer(columns[name], dtype=np.int64)
-        check(counts < minimum, name, lambda i, name=name, counts=counts, minimum=minimum: (
-            f"{name} = {counts[i]} is below its minimum {minimum}."))
-        following = np.append(counts[1:], now)
-        if hp.rule == "fidelity":
-            # Geometric growth on the k_min + j * step grid, by a factor between growth and
-            # growth ** MAX_GROWTH_POWER (the jump sized from the contraction estimate): the
-            # next count must lie in that range (capped) and on the grid, or be the cap.
-            def grow(factor: float, counts: np.ndarray = counts, step: int = step) -> np.ndarray:
-                steps = np.maximum(1, np.round((factor - 1.0) * counts / step))
-                return counts + step * steps.astype(np.int64)
-
-            low, high = grow(hp.growth), grow(hp.growth**MAX_GROWTH_POWER)
-            if cap is not None:
-                low, high = np.minimum(low, cap), np.minimum(high, cap)
-            on_grid = ((following - minimum) % step == 0) | (following == cap)
-            fits = (following >= low) & (following <= high) & on_grid
-            stepped = low
-            after = np.where(refine & fits, following, np.where(refine, low, counts))
-        else:
-            stepped = counts + step if cap is None else np.minimum(counts + step, cap)
-            after = np.where(refine, stepped, counts)
-        check(after != following, name,
-              lambda i, name=name, counts=counts, after=after, following=following: (
-                  f"{name} = {counts[i]} with decision {DECISION_OF[reason_at(i)]!r} leaves "
-                  f"{name} = {after[i]}, but "
-                  f"{'the resume state' if i == length - 1 else 'the next entry'} has "
-                  f"{name} = {following[i]}."))
-        below_cap |= stepped != counts
-    check((reason == REASON_CODE["at k_max"]) & below_cap, "reason",
-          lambda i: "reason 'at k_max' while k or k_adjoint is below its cap.")
-    checkpoint = np.frombuffer(columns["checkpoint"], dtype=np.float64)
-    check(np.where(refine, ema, checkpoint) != np.append(checkpoint[1:], state.checkpoint),
-          "checkpoint", lambda i: "the checkpoints do not follow the refinements (each "
-                                  "refinement makes its ema the next checkpoint).")
-    tail = min(length, len(state.recent_emas))
-    check(np.append(np.zeros(length - tail, dtype=bool),
-                    ema[length - tail:] != np.asarray(state.recent_emas[len(state.recent_emas)
-                                                                        - tail:])),
-          "ema", lambda i: "the last averages differ from the resume state's recent_emas.")
-    check((reason == REASON_CODE["stopped"]) & (not hp.latch), "reason",
-          lambda i: "reason 'stopped' needs latch=True.")
-    last = np.zeros(length, dtype=bool)
-    stopped = {"no gain": True, "stopped": True, "improved": False, "worsened": False}.get(
-        reason_at(length - 1))
-    last[-1] = stopped is not None and stopped != state.stopped
-    check(last, "reason", lambda i: f"the last reason {reason_at(i)!r} contradicts "
-                                    f"stopped = {state.stopped} of the resume state.")
-    last_residual = None if math.isnan(residual[-1]) else float(residual[-1])
-    last[-1] = converged(hp, last_residual) != state.solver_converged
-    check(last, "residual", lambda i: f"the last residual contradicts solver_converged = "
-                                      f"{state.solver_converged} of the resume state.")

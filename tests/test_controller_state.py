@@ -189,7 +189,8 @@ def _old_state(state, version, history):
              if name not in dropped}
     old = {key: value for key, value in state.items()
            if key not in ("fidelity", "signal_seen", "first_ema", "fidelity_ema", "level_start",
-                          "measured_check")}
+                          "measured_check", "searching", "start_k", "start_k_adjoint",
+                          "start_fidelity")}
     return {**old, "version": version, "hyperparameters": hyper, "history": history}
 
 
