@@ -25,6 +25,14 @@ solver work, counted in PRDP's iterations. They are measured only when the contr
 extrapolation of the last measurement comes within a factor 2 of its tolerance), and again at
 the same counts only while the signal's cumulative cost stays within :data:`SIGNAL_BUDGET`
 (20%) of the training's.
+
+Before the first step, while the controller's start search is open
+(``PRDPController.starting``) and the Trainer offers ``raw_gradient``, :func:`train` measures
+the raw gradient fidelity at the initial parameters at ``k`` against ``min(2k, k_max)`` and
+passes it to ``PRDPController.start``, which raises ``k`` until it is at most the tolerance:
+the count the first step runs with. Those gradients (each computed once: the search doubles
+``k``, so one measurement's refined gradient is often the next one's coarse one) are counted
+in PRDP's iterations too. ``--no-start-search`` skips the search (the ablation).
 ``--rule plateau`` runs the paper's rule instead (loss only, no extra gradients).
 
 ``--sweep`` trains fixed-``K`` runs over a grid of counts and PRDP in one process (the paper's
@@ -65,7 +73,8 @@ __all__ = [
     "positive_int",
     "print_result_line",
     "rule_options",
-    "signal_function",
+    "search_start",
+    "signal_functions",
     "summary",
     "sweep",
     "sweep_grid",
@@ -133,6 +142,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, example: str, *,
                         help="what the fidelity compares at K and 2K: the optimiser's update "
                              "(default; for Adam, the per-coordinate normalised step) or the "
                              "raw gradient")
+    parser.add_argument("--start-search", action=argparse.BooleanOptionalAction, default=True,
+                        help="before the first step, choose the starting K from the raw "
+                             "gradient fidelity at the initial parameters (default: on; "
+                             "--no-start-search starts at k_min, for the ablation)")
     parser.add_argument("--sweep", action="store_true",
                         help="train fixed-K runs over a grid of K and PRDP, plot the final "
                              "metric against solver iterations, and report k_sufficient "
@@ -147,29 +160,32 @@ def add_common_arguments(parser: argparse.ArgumentParser, example: str, *,
                         help=f"no per-{unit} progress lines on stderr")
 
 
-def signal_function(args: argparse.Namespace, optimizer: Any,
-                    loss_fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``(params, opt_state, *loss_args) -> pytree``: what the fidelity signal compares.
+def signal_functions(args: argparse.Namespace, optimizer: Any,
+                     loss_fn: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """``(signal, raw)``, each ``(params, opt_state, *loss_args) -> pytree``.
 
-    ``--signal update`` (default): the update the optimiser would make from the gradient of
-    ``loss_fn`` at its current state (``optimizer.update(g, opt_state, params)``; the optimiser
-    state itself is not changed). For plain gradient descent this is ``-lr g``, the gradient
-    up to a constant; for Adam it is the per-coordinate normalised step, in which a
-    coordinate with a small gradient counts as much as one with a large gradient -- as it
-    does in the step taken. ``--signal gradient``: the raw gradient.
+    ``raw`` is the raw gradient of ``loss_fn`` (what the start search compares: an optimiser's
+    first update carries no magnitude). ``signal`` is what the checks' fidelity compares:
+    ``--signal update`` (default), the update the optimiser would make from that gradient at
+    its current state (``optimizer.update(g, opt_state, params)``; the optimiser state itself
+    is not changed) -- for plain gradient descent ``-lr g``, the gradient up to a constant; for
+    Adam the per-coordinate normalised step, in which a coordinate with a small gradient
+    counts as much as one with a large gradient, as it does in the step taken;
+    ``--signal gradient``: the raw gradient (then ``signal is raw``).
     """
     import jax
 
     grad_fn = jax.grad(loss_fn)
+    raw = jax.jit(lambda params, opt_state, *rest: grad_fn(params, *rest))
     if args.signal == "gradient":
-        return jax.jit(lambda params, opt_state, *rest: grad_fn(params, *rest))
+        return raw, raw
 
     @jax.jit
     def update(params: Any, opt_state: Any, *rest: Any) -> Any:
         updates, _ = optimizer.update(grad_fn(params, *rest), opt_state, params)
         return updates
 
-    return update
+    return update, raw
 
 
 def rule_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -266,7 +282,12 @@ class Trainer:
         with respect to the parameters on a validation batch, through ``k`` forward and
         ``k_adjoint`` adjoint iterations (the fidelity signal's input).
     gradient_iterations
-        ``(k, k_adjoint) -> int``: solver iterations one ``gradient`` call spends.
+        ``(k, k_adjoint) -> int``: solver iterations one ``gradient`` (or ``raw_gradient``)
+        call spends.
+    raw_gradient
+        ``(state, k, k_adjoint) -> pytree`` or ``None``: the raw gradient of the training loss
+        on the same batch (the start search's input; ``gradient`` may be an optimiser's
+        update instead). ``None``: no start search.
     """
 
     init_state: Callable[[], Any]
@@ -277,6 +298,7 @@ class Trainer:
     unit: str = "epoch"
     gradient: Callable[[Any, int, int], Any] | None = None
     gradient_iterations: Callable[[int, int], int] | None = None
+    raw_gradient: Callable[[Any, int, int], Any] | None = None
 
     def warmup(self) -> None:
         """Compile everything once before the timed runs: one epoch at ``k = 1`` and a
@@ -285,6 +307,8 @@ class Trainer:
         self.validate(state)
         if self.gradient is not None:
             self.gradient(state, 1, 1)
+        if self.raw_gradient is not None and self.raw_gradient is not self.gradient:
+            self.raw_gradient(state, 1, 1)
 
 
 @dataclasses.dataclass
@@ -315,6 +339,8 @@ class RunResult:
     final_state: Any = dataclasses.field(repr=False, default=None)
     unit: str = "epoch"
     signal_iterations: int = 0
+    k_start: int | None = None
+    start_fidelities: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
 
 def _reference_count(count: int, cap: int | None) -> int:
@@ -339,7 +365,45 @@ def measure_fidelity(trainer: Trainer, state: Any, k: int, k_adjoint: int,
     return fidelity, cost
 
 
-def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True) -> RunResult:
+def search_start(trainer: Trainer, controller: Any, state: Any,
+                 caps: tuple[int | None, int | None], *, label: str = "prdp",
+                 progress: bool = True) -> tuple[int, list[tuple[int, float]]]:
+    """Run the controller's start search at the initial ``state``: while
+    ``controller.starting``, the raw gradient fidelity at ``(k, k_adjoint)`` against
+    ``(min(2k, k_max), min(2 k_adjoint, k_adjoint_max))`` goes to ``controller.start``.
+
+    Returns the solver iterations the search spent (each gradient computed once: the one at
+    the refined counts is kept for the next measurement, whose coarse counts it often is) and
+    the ``(k, fidelity)`` pairs measured.
+    """
+    import prdp_ops as po
+
+    cache: dict[tuple[int, int], Any] = {}
+    cost, measured = 0, []
+    while controller.starting:
+        counts = (controller.k, controller.k_adjoint)
+        reference = (_reference_count(counts[0], caps[0]), _reference_count(counts[1], caps[1]))
+        if reference == counts:  # nothing more refined to compare with (the controller ends
+            break                # its search at the caps itself; this guards a loop)
+        gradients = []
+        for at in (counts, reference):
+            if at not in cache:
+                cache[at] = trainer.raw_gradient(state, *at)
+                cost += trainer.gradient_iterations(*at)
+            gradients.append(cache[at])
+        fidelity = po.gradient_fidelity(*gradients)
+        cache = {reference: cache[reference]}
+        measured.append((counts[0], fidelity))
+        decision = controller.start(fidelity)
+        if progress:
+            print(f"[{label:8s}] start K={counts[0]:<4d} K_adj={counts[1]:<4d} raw fid="
+                  f"{fidelity:.3f} -> {decision} (K={controller.k})", file=sys.stderr,
+                  flush=True)
+    return cost, measured
+
+
+def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True,
+          start: bool = True) -> RunResult:
     """Train for ``trainer.epochs`` epochs, asking ``schedule`` for the counts each epoch.
 
     The progress lines (stderr) show the controller's decision; a schedule with ``decides =
@@ -347,7 +411,9 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
     ``rule="fidelity"`` gets the gradient fidelity (when the trainer offers ``gradient``)
     after the epochs at which it asks for one (``wants_fidelity``), at the same counts again
     only while the signal's cumulative cost, counted in the run's iterations, stays within
-    :data:`SIGNAL_BUDGET` of the training's.
+    :data:`SIGNAL_BUDGET` of the training's. With ``start`` (default) and a Trainer that
+    offers ``raw_gradient``, the controller's start search (:func:`search_start`) runs first,
+    counted in the same iterations.
     """
     decides = getattr(schedule, "decides", True)
     wants_signal = (getattr(schedule, "rule", None) == "fidelity"
@@ -358,7 +424,13 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
     records: list[EpochRecord] = []
     iterations = training = signal = 0
     measured_at: tuple[int, int] | None = None
-    start = time.perf_counter()
+    started = time.perf_counter()
+    start_fidelities: list[tuple[int, float]] = []
+    if (wants_signal and start and trainer.raw_gradient is not None
+            and getattr(schedule, "starting", False)):
+        signal, start_fidelities = search_start(trainer, schedule, state, caps, label=label,
+                                                progress=progress)
+    k_start = schedule.k
     for epoch in range(trainer.epochs):
         k, k_adjoint = schedule.k, schedule.k_adjoint
         state = trainer.run_epoch(state, epoch, k, k_adjoint)
@@ -384,7 +456,7 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
         if not decides:
             decision = None
         iterations = training + signal
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - started
         records.append(EpochRecord(epoch, k, k_adjoint, val_error, iterations, decision,
                                    elapsed, fidelity))
         if progress:
@@ -393,24 +465,25 @@ def train(trainer: Trainer, schedule: Any, label: str, *, progress: bool = True)
             print(f"[{label:8s}] {trainer.unit:5s} {epoch + 1:4d}/{trainer.epochs}  K={k:<4d} "
                   f"K_adj={k_adjoint:<4d} val={val_error:.4e}  iters={iterations:<9d} "
                   f"{delta}{shown}{elapsed:7.2f}s", file=sys.stderr, flush=True)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - started
     return RunResult(label, records[-1].val_error, iterations, wall, schedule.k, records,
-                     state, trainer.unit, signal)
+                     state, trainer.unit, signal, k_start, start_fidelities)
 
 
 def compare(trainer: Trainer, controller: Any, baseline_k: int,
             baseline_k_adjoint: int | None = None, *, with_baseline: bool = True,
-            progress: bool = True) -> tuple[RunResult | None, RunResult]:
+            progress: bool = True, start: bool = True) -> tuple[RunResult | None, RunResult]:
     """Train the converged baseline (optional) and PRDP, same seeds and epochs.
 
     Returns ``(baseline, prdp)``; ``baseline`` is ``None`` when ``with_baseline`` is False.
+    ``start``: run PRDP's start search (:func:`train`).
     """
     trainer.warmup()
     baseline = None
     if with_baseline:
         baseline = train(trainer, FixedSchedule(baseline_k, baseline_k_adjoint), "baseline",
                          progress=progress)
-    prdp = train(trainer, controller, "prdp", progress=progress)
+    prdp = train(trainer, controller, "prdp", progress=progress, start=start)
     return baseline, prdp
 
 
@@ -425,7 +498,8 @@ def _percent_saved(baseline: float, prdp: float) -> float | None:
 def summary(example: str, baseline: RunResult | None, prdp: RunResult) -> dict[str, Any]:
     """The result dict printed as the example's final JSON line."""
     prdp_part = {"val_error": prdp.val_error, "solver_iterations": prdp.solver_iterations,
-                 "wall_s": round(prdp.wall_s, 4), "k_final": prdp.k_final}
+                 "wall_s": round(prdp.wall_s, 4), "k_final": prdp.k_final,
+                 "k_start": prdp.k_start, "signal_iterations": prdp.signal_iterations}
     if baseline is None:
         return {"example": example, "baseline": None, "prdp": prdp_part,
                 "iterations_saved_pct": None, "time_saved_pct": None, "val_error_ratio": None}
@@ -556,7 +630,7 @@ def sweep_grid(k_converged: int, k_min: int = 1, k_step: int = 1, count: int = 8
 def sweep(example: str, trainer: Trainer, make_controller: Callable[[], Any],
           k_converged: int, ks: Sequence[int], out: Path, title: str, *,
           k_adjoint_of: Callable[[int], int] | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, start: bool = True) -> dict[str, Any]:
     """The paper's accuracy-versus-cost sweep: fixed-``K`` runs and PRDP, same seeds and epochs.
 
     Trains one run per count in ``ks`` (``k_converged`` is added: the converged reference)
@@ -574,7 +648,7 @@ def sweep(example: str, trainer: Trainer, make_controller: Callable[[], Any],
         k_adjoint = k if k_adjoint_of is None else k_adjoint_of(k)
         fixed[k] = train(trainer, FixedSchedule(k, k_adjoint), f"K={k}", progress=progress)
     controller = make_controller()
-    prdp = train(trainer, controller, "prdp", progress=progress)
+    prdp = train(trainer, controller, "prdp", progress=progress, start=start)
     converged = fixed[k_converged].val_error
     k_sufficient = min(k for k in ks if fixed[k].val_error <= SUFFICIENT_RATIO * converged)
     oracle = fixed[k_sufficient]
@@ -592,7 +666,8 @@ def sweep(example: str, trainer: Trainer, make_controller: Callable[[], Any],
                    "wall_s": round(oracle.wall_s, 3)},
         "prdp": {"val_error": prdp.val_error, "solver_iterations": prdp.solver_iterations,
                  "signal_iterations": prdp.signal_iterations, "wall_s": round(prdp.wall_s, 3),
-                 "k_final": prdp.k_final, "rule": getattr(controller, "rule", None)},
+                 "k_final": prdp.k_final, "k_start": prdp.k_start,
+                 "rule": getattr(controller, "rule", None)},
         "prdp_vs_oracle_iterations": ratio(prdp.solver_iterations, oracle.solver_iterations),
         "prdp_vs_oracle_wall": ratio(prdp.wall_s, oracle.wall_s),
         "prdp_vs_converged_iterations": ratio(prdp.solver_iterations,

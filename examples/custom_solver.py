@@ -139,10 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              lambda: poisson_inverse.make_controller(problem, args),
                              k_converged, ks, args.out.with_name(args.out.stem + "_sweep.png"),
                              "red-black Gauss-Seidel (registered solver): final error vs cost",
-                             progress=not args.quiet)
+                             progress=not args.quiet, start=args.start_search)
     controller = poisson_inverse.make_controller(problem, args)
     baseline, prdp = _common.compare(trainer, controller, k_converged,
-                                     with_baseline=args.compare, progress=not args.quiet)
+                                     with_baseline=args.compare, progress=not args.quiet,
+                                     start=args.start_search)
     for run in (baseline, prdp):
         if run is not None:
             print(f"{run.label}: theta = {float(run.final_state[0][0]):.6f}", file=sys.stderr)

@@ -356,11 +356,15 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         return run_epoch_jit(state, *batches(epoch), jnp.asarray(k), jnp.asarray(k_adjoint))
 
     val_u0, val_u2 = jnp.asarray(data["val_u0"]), jnp.asarray(data["val_u2"])
-    signal = _common.signal_function(args, optimizer, loss_fn)
+    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
         # The fidelity signal: the training loss's update (or gradient) on the validation states.
         return signal(*state, val_u0, val_u2, jnp.asarray(k), jnp.asarray(k_adjoint))
+
+    def raw_gradient(state: tuple, k: int, k_adjoint: int) -> Any:
+        # The start search's signal: the raw gradient on the same states.
+        return raw(*state, val_u0, val_u2, jnp.asarray(k), jnp.asarray(k_adjoint))
 
     def gradient_iterations(k: int, k_adjoint: int) -> int:
         # One batched solve of the validation states and its reverse, counted like a training
@@ -388,7 +392,8 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
                               iterations_per_epoch=iterations_per_epoch, epochs=epochs,
-                              gradient=gradient, gradient_iterations=gradient_iterations)
+                              gradient=gradient, gradient_iterations=gradient_iterations,
+                              raw_gradient=raw_gradient)
 
     info = {"grid": grid, "r": r, "adjoint": adjoint, "epochs": epochs,
             "k_converged": k_converged, "size": size_key, "apply_net": apply_net,
@@ -463,11 +468,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              info["k_converged"], ks,
                              args.out.with_name(args.out.stem + "_sweep.png"),
                              f"BTCS heat {args.dim}D emulator: final error vs cost",
-                             progress=not args.quiet)
+                             progress=not args.quiet, start=args.start_search)
     controller = make_controller(info["setting"], info["k_converged"],
                                  **_common.rule_options(args))
     baseline, prdp = _common.compare(trainer, controller, info["k_converged"],
-                                     with_baseline=args.compare, progress=not args.quiet)
+                                     with_baseline=args.compare, progress=not args.quiet,
+                                     start=args.start_search)
     curves = {}
     for run in (baseline, prdp):
         if run is not None:

@@ -363,16 +363,21 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
     # The fidelity signal: the training loss's gradient on the validation trajectories' first
     # windows, one batched step's solves (counted like a training step's).
     val_windows = val[:, : unroll + 1]
-    signal = _common.signal_function(args, optimizer, loss_fn)
+    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
         return signal(*state, val_windows, jnp.asarray(k), jnp.asarray(k_adjoint))
+
+    def raw_gradient(state: tuple, k: int, k_adjoint: int) -> Any:
+        # The start search's signal: the raw gradient on the same windows.
+        return raw(*state, val_windows, jnp.asarray(k), jnp.asarray(k_adjoint))
 
     trainer = _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                               validate=lambda state: float(validate_jit(state[0])),
                               iterations_per_epoch=iterations_per_epoch, epochs=epochs,
                               gradient=gradient if args.setup != "prediction" else None,
-                              gradient_iterations=iterations_per_step)
+                              gradient_iterations=iterations_per_step,
+                              raw_gradient=raw_gradient if args.setup != "prediction" else None)
     info = {"n": n, "size": size_key, "k_advection": k_advection, "k_pressure": k_pressure,
             "k_max": k_max, "epochs": epochs, "adjoint": adjoint, "windows": windows.shape[0]}
     return trainer, info
@@ -420,10 +425,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ks = args.sweep_ks or _common.sweep_grid(info["k_max"], step, step)
         return _common.sweep(EXAMPLE, trainer, make_controller, info["k_max"], ks,
                              args.out.with_name(args.out.stem + "_sweep.png"),
-                             f"{title}: final error vs cost", progress=not args.quiet)
+                             f"{title}: final error vs cost", progress=not args.quiet,
+                             start=args.start_search)
     controller = make_controller()
     baseline, prdp = _common.compare(trainer, controller, info["k_max"],
-                                     with_baseline=args.compare, progress=not args.quiet)
+                                     with_baseline=args.compare, progress=not args.quiet,
+                                     start=args.start_search)
     return _common.finish(EXAMPLE, baseline, prdp, args.out,
                           f"{title}: PRDP vs converged (GMRES {info['k_advection']}, "
                           f"CG {info['k_pressure']})",

@@ -186,16 +186,20 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     def iterations_per_epoch(k: int, k_adjoint: int) -> int:
         return k + (k_adjoint if args.adjoint == "implicit" else k)
 
-    signal = _common.signal_function(args, optimizer, loss_fn)
+    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> jax.Array:
         # The fidelity signal's gradient: the training loss's (one observation, no batches).
         return signal(*state, jnp.asarray(k), jnp.asarray(k_adjoint))
 
+    def raw_gradient(state: tuple, k: int, k_adjoint: int) -> jax.Array:
+        # The start search's signal: the raw gradient of the same loss.
+        return raw(*state, jnp.asarray(k), jnp.asarray(k_adjoint))
+
     return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                            validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
                            epochs=steps, unit="step", gradient=gradient,
-                           gradient_iterations=iterations_per_epoch)
+                           gradient_iterations=iterations_per_epoch, raw_gradient=raw_gradient)
 
 
 def make_controller(problem: dict[str, Any], args: argparse.Namespace) -> po.PRDPController:
@@ -242,10 +246,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              lambda: make_controller(problem, args), k_baseline, ks,
                              args.out.with_name(args.out.stem + "_sweep.png"),
                              f"Poisson inverse ({args.variant}): final error vs cost",
-                             progress=not args.quiet)
+                             progress=not args.quiet, start=args.start_search)
     controller = make_controller(problem, args)
     baseline, prdp = _common.compare(trainer, controller, k_baseline,
-                                     with_baseline=args.compare, progress=not args.quiet)
+                                     with_baseline=args.compare, progress=not args.quiet,
+                                     start=args.start_search)
     estimates = {run.label: np.asarray(run.final_state[0]) for run in (baseline, prdp)
                  if run is not None}
     if args.variant == "1d":

@@ -138,6 +138,48 @@ def test_train_measures_the_fidelity_only_when_the_controller_asks():
     assert result.solver_iterations == training + result.signal_iterations
 
 
+def test_start_search_runs_on_raw_gradients_before_the_first_step():
+    """Before the first step the harness passes the raw gradient fidelity at the initial
+    parameters to ``PRDPController.start``, computing each gradient once and counting it.
+    The one-parameter problem of the test above: g_K(0) = -c_K, c_K = 1 - 0.5^K, so delta_K =
+    (c_2K - c_K) / c_2K: 1/3 at K = 1, 0.2 at 2, 0.059 at 4, and the first step runs at 4."""
+    import prdp_ops as po
+
+    common = load("_common")
+    raw_calls = []
+
+    def c(k):
+        return 1 - 0.5**k
+
+    def raw_gradient(theta, k, k_adjoint):
+        raw_calls.append((theta, k))
+        return np.array([c(k) * (c(k) * theta - 1.0)])
+
+    def sign_like(theta, k, k_adjoint):  # an optimiser's first update: no magnitude
+        return np.sign(raw_gradient(theta, k, k_adjoint))
+
+    trainer = common.Trainer(
+        init_state=lambda: 0.0,
+        run_epoch=lambda theta, epoch, k, k_adjoint: theta - 0.5 * c(k) * (c(k) * theta - 1),
+        validate=lambda theta: abs(theta - 1.0), iterations_per_epoch=lambda k, ka: k + ka,
+        epochs=3, gradient=sign_like, gradient_iterations=lambda k, ka: k + ka,
+        raw_gradient=raw_gradient)
+    result = common.train(trainer, po.PRDPController(k_max=64), "prdp", progress=False)
+    assert result.k_start == result.records[0].k == 4
+    assert [k for k, _ in result.start_fidelities] == [1, 2, 4]
+    np.testing.assert_allclose([f for _, f in result.start_fidelities],
+                               [(c(2 * k) - c(k)) / c(2 * k) for k in (1, 2, 4)], rtol=1e-15)
+    start_calls = [k for theta, k in raw_calls if theta == 0.0]
+    assert start_calls == [1, 2, 4, 8]  # the refined gradient is reused as the next coarse one
+    checks = result.signal_iterations - sum(2 * k for k in start_calls)
+    assert checks >= 0 and result.solver_iterations == (
+        sum(2 * r.k for r in result.records) + result.signal_iterations)
+    # Without the search (or without raw gradients) the first step runs at k_min.
+    skipped = common.train(trainer, po.PRDPController(k_max=64), "prdp", progress=False,
+                           start=False)
+    assert skipped.k_start == skipped.records[0].k == 1 and skipped.start_fidelities == []
+
+
 def test_summary_percentages_and_ratio():
     common = load("_common")
     baseline = common.RunResult("baseline", 0.2, 1000, 10.0, 50, [])
