@@ -197,8 +197,10 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((tape.slots, *a.shape), a.dtype),
                                          tape.record_avals)
     elif tape is not None:
-        rows = tape.slots + (tape.every > 1)  # a checkpointed tape's spare row (see _push)
-        buffers = {k: jnp.zeros((rows, *jnp.shape(state[k])), jnp.result_type(state[k]))
+        # One spare row (see _push); the state before step 0 goes in row 0 now, each
+        # step's result after the step.
+        buffers = {k: jnp.zeros((tape.slots + 1, *jnp.shape(state[k])),
+                                jnp.result_type(state[k])).at[0].set(state[k])
                    for k in tape.keys}
     if tape is not None:
         limit = jnp.minimum(maxiter, tape.capacity)
@@ -218,8 +220,6 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
 
     def step(c: _Carry) -> _Carry:
         buffers = c.buffers
-        if buffers is not None and not records:
-            buffers = _push(buffers, c.state, c.accepted, tape)
         new_state = checked_step(solver, ops, materialized(A, c.iterations), b, c.state,
                                  materialized(M, c.iterations))
         if records:
@@ -235,6 +235,9 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         failed = failure != MAX_ITERATIONS
         # Keep the last good state on failure: a NaN iterate would poison a training loop.
         state = _keep_if(failed, c.state, new_state, live)
+        if buffers is not None and not records:
+            # The state before step ``accepted + 1`` (a failed step's row is never read).
+            buffers = _push(buffers, state, c.accepted + 1, tape)
         iterations = c.iterations + 1
         progress = rnorm < c.best * (1 - STAGNATION_DECREASE)
         best = jnp.where(progress, rnorm, c.best)
@@ -309,13 +312,19 @@ def _finish(c: _Carry, stop_on_convergence: Any, tol: Any,
 def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict[str, Any]:
     """Store ``state`` (the one before step ``index``) if it starts a checkpoint segment.
 
-    A checkpointed tape has one spare row at its end that takes the states between
-    checkpoints: writing every state somewhere costs one row write per entry, where keeping
-    the row unchanged with a select would read and write it (twice the traffic).
+    The forward loop stores each step's result after the step, not the state it starts
+    from before it: a row written from the state the step reads would have to be written
+    before the step overwrites that state's buffers in place, an order XLA does not see,
+    so it copied each stored entry (two more passes per entry and step, measured for CG).
+    The tape has one spare row at its end that takes the states between checkpoints (and
+    the state after the last step): writing every state somewhere costs one row write per
+    entry, where keeping the row unchanged with a select would read and write it (twice the
+    traffic), and a conditional write becomes such a select under ``vmap``.
     """
-    if tape.every == 1:
-        return {k: buf.at[index].set(state[k]) for k, buf in buffers.items()}
     spare = tape.slots
+    if tape.every == 1:
+        return {k: buf.at[jnp.minimum(index, spare)].set(state[k])
+                for k, buf in buffers.items()}
     slot = jnp.where(index % tape.every == 0, index // tape.every, spare)
     return {k: buf.at[slot].set(state[k]) for k, buf in buffers.items()}
 
