@@ -18,10 +18,15 @@ from prdp_ops.backends import _jax_driver as driver
 from prdp_ops._array_ops import ArrayOps
 from prdp_ops._solution import SolveResult
 
-__all__ = ["OPS", "JaxOps", "JaxSolveResult", "bcoo_diagonal", "is_bcoo"]
+__all__ = ["OPS", "JaxOps", "JaxSolveResult", "TracedHostReadError", "bcoo_diagonal", "is_bcoo"]
 
 #: Above this size a BCOO triangular solve is refused rather than densified.
 _DENSIFY_LIMIT = 4096
+
+
+class TracedHostReadError(TypeError):
+    """:meth:`JaxOps.to_float` of a traced value: solver code read an array on the host,
+    which ``jit``/``vmap``/``grad`` cannot do (a ``TypeError``, as JAX's own errors for it)."""
 
 
 class JaxOps(ArrayOps):
@@ -67,7 +72,7 @@ class JaxOps(ArrayOps):
 
     def to_float(self, a: Any) -> float:
         if isinstance(a, jax.core.Tracer):
-            raise TypeError(
+            raise TracedHostReadError(
                 "a traced JAX value cannot be read as a Python float inside jit/vmap/grad; "
                 "solver code must branch with ops.cond / ops.where instead of if"
             )

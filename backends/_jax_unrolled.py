@@ -32,15 +32,26 @@ import jax.numpy as jnp
 from jax import lax
 from prdp_ops.backends._jax_driver import LoopOutput, Tape, materialized
 from prdp_ops.backends._jax_operators import like_parameter, own_param_vjp, transpose
+from prdp_ops.backends._jax_ops import TracedHostReadError
 
 from prdp_ops._solver.base import IterativeSolver, State
 
-__all__ = ["ReverseContext", "hand_pullback", "record_avals"]
+__all__ = ["TRACEABLE_REVERSE_ATTR", "ReverseContext", "hand_pullback", "record_avals"]
 
-#: The errors a solver's reverse step raises when it cannot run traced (GMRES's ``record``
-#: reads the step counter as a Python int) or is not implemented: the sweep then falls back
-#: to ``jax.vjp`` of ``step``.
-_UNTRACEABLE = (TypeError, NotImplementedError, ValueError, KeyError)
+#: What a solver's reverse step raises when it cannot run on traced arrays: it reads a
+#: traced value on the host (GMRES's ``record`` reads the step counter as a Python int
+#: through ``ops.to_float``, which raises :class:`~prdp_ops.backends._jax_ops.TracedHostReadError`;
+#: ``int()``/``float()``/``bool()``/``np.asarray`` of a tracer raise JAX's concretization
+#: errors), or a part of it is not implemented. Only these send the sweep to ``jax.vjp`` of
+#: ``step``; any other error is a bug in the reverse step and surfaces (see
+#: :func:`record_avals`).
+_UNTRACEABLE = (NotImplementedError, TracedHostReadError, jax.errors.ConcretizationTypeError,
+                jax.errors.TracerIntegerConversionError, jax.errors.TracerArrayConversionError)
+
+#: A solver class may set this attribute to ``False`` to have its unrolled JAX reverse
+#: derived by ``jax.vjp`` of ``step`` even though it has a ``step_vjp`` (one written for
+#: NumPy only, say).
+TRACEABLE_REVERSE_ATTR = "jax_traceable_reverse"
 
 
 def _tree_add(a: Any, b: Any) -> Any:
@@ -160,9 +171,20 @@ def record_avals(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: 
     ``None`` (then the sweep differentiates ``step`` with ``jax.vjp``).
 
     Traces a whole reverse chain once (``init``, ``step``, ``record``, ``iterate_vjp``,
-    ``step_vjp``, ``init_vjp``) without running it.
+    ``step_vjp``, ``init_vjp``) without running it. The answer is ``None`` in exactly these
+    cases: the solver has no ``step_vjp`` of its own, its class sets
+    ``jax_traceable_reverse = False``, or tracing the chain raises one of the errors of
+    :data:`_UNTRACEABLE` (a host read of a traced value, a ``NotImplementedError``).
+
+    Raises
+    ------
+    RuntimeError
+        When tracing the chain fails for any other reason (a shape or dtype mismatch, a
+        missing state entry, ...): a bug in the solver's reverse step, which the fallback
+        would hide behind a slower but silently different sweep. The original error is
+        chained.
     """
-    if not solver.supports_unrolled_numpy:
+    if not solver.supports_unrolled_numpy or not getattr(solver, TRACEABLE_REVERSE_ATTR, True):
         return None
 
     def chain(b: Any, x0: Any) -> Any:
@@ -179,6 +201,15 @@ def record_avals(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: 
         return jax.eval_shape(chain, b, x0)
     except _UNTRACEABLE:
         return None
+    except Exception as err:
+        name = solver.name or type(solver).__name__
+        raise RuntimeError(
+            f"adjoint='unrolled': the reverse step of solver {name!r} (its record / "
+            f"step_vjp / init_vjp / iterate_vjp) fails on JAX arrays with "
+            f"{type(err).__name__}: {err}. This is a bug in that reverse step; fix it, or set "
+            f"{TRACEABLE_REVERSE_ATTR} = False on {type(solver).__name__} to have JAX derive "
+            "the reverse from step instead"
+        ) from err
 
 
 def _normalize(bar: State, template: State) -> State:

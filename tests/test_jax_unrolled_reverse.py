@@ -185,6 +185,75 @@ def test_user_solver_without_step_vjp_falls_back() -> None:
         assert_agree(g, r, tol)
 
 
+class _RichardsonWithReverse(po.Richardson):
+    """Richardson (its reverse step is traceable) with a reverse step altered per test."""
+
+    name = "richardson_reverse_test"
+
+
+class _BuggyReverse(_RichardsonWithReverse):
+    """A reverse step with a bug: it reads a state entry the record does not hold."""
+
+    def step_vjp(self, ops, A, b, M, record, state_bar, ctx):
+        return {"x": state_bar["no such entry"]}
+
+
+class _HostReadReverse(_RichardsonWithReverse):
+    """A reverse step that reads a value on the host (not traceable, as GMRES's record)."""
+
+    def record(self, ops, A, b, M, before, after):
+        ops.to_float(before["rnorm"])
+        return super().record(ops, A, b, M, before, after)
+
+
+class _ConcreteIntReverse(_RichardsonWithReverse):
+    """A reverse step that turns an array into a Python int (JAX's own concretization error)."""
+
+    def step_vjp(self, ops, A, b, M, record, state_bar, ctx):
+        int(record[0][0])
+        return super().step_vjp(ops, A, b, M, record, state_bar, ctx)
+
+
+class _DeclaredNumpyOnly(_BuggyReverse):
+    """A reverse step declared NumPy-only: JAX derives the reverse from ``step``."""
+
+    jax_traceable_reverse = False
+
+
+def _grad_of_unrolled(solver, A, b):
+    def loss(A, b):
+        return jnp.sum(pj.solve(A, b, solver, maxiter=K, rtol=0.0, adjoint="unrolled") ** 2)
+    return jax.grad(loss, argnums=(0, 1))(A, b)
+
+
+@pytest.mark.parametrize("cls", [_HostReadReverse, _ConcreteIntReverse, _DeclaredNumpyOnly])
+def test_fallback_only_for_untraceable_reverse(cls, vjp_of_step) -> None:
+    """A host read of a traced value (``ops.to_float``, ``int()`` of a tracer) or a class
+    declared ``jax_traceable_reverse = False`` selects ``jax.vjp`` of ``step``, which gives
+    the gradient of the same K steps."""
+    A_np = spd(N, cond=5.0)
+    A, b = jnp.asarray(A_np), jnp.asarray(random_vector(N))
+    solver = cls(omega=0.5)
+    assert unrolled.record_avals(solver, pj.OPS, po.DenseOperator(A), None, b,
+                                 jnp.zeros_like(b)) is None
+    got = _grad_of_unrolled(solver, A, b)
+    want = vjp_of_step(lambda: _grad_of_unrolled(_RichardsonWithReverse(omega=0.5), A, b))
+    tol = agree_tol(np.float64, np.linalg.cond(A_np), K, power=2)
+    for g, r in zip(got, want, strict=True):
+        assert_agree(g, r, tol)
+
+
+def test_buggy_reverse_step_surfaces() -> None:
+    """Any other error of a reverse step is a bug: it is raised, named, not hidden behind
+    the ``jax.vjp`` fallback."""
+    A, b = jnp.asarray(spd(N)), jnp.asarray(random_vector(N))
+    with pytest.raises(RuntimeError, match=r"reverse step of solver 'richardson_reverse_test'"
+                       r".*KeyError.*no such entry") as info:
+        _grad_of_unrolled(_BuggyReverse(omega=0.5), A, b)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert "jax_traceable_reverse = False" in str(info.value)
+
+
 @pytest.mark.parametrize("every", [1, pytest.param(2, marks=pytest.mark.slow),
                                    pytest.param(3, marks=pytest.mark.slow), 7])
 def test_checkpointed_hand_reverse(every: int) -> None:
