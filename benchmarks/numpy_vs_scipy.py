@@ -6,6 +6,7 @@ are compared, so machine noise hits both sides alike.
 
     python benchmarks/numpy_vs_scipy.py            # N = 256 (K = 300) and 512 (K = 200)
     python benchmarks/numpy_vs_scipy.py --quick    # N = 64, a smoke run
+    python benchmarks/numpy_vs_scipy.py --clock cpu --cases 256x300 --solvers gmres
     python benchmarks/numpy_scaling.py             # the size sweep and peak memory
 
 OpenBLAS is pinned to one thread (``--blas-threads`` to change it) before numpy loads: on a
@@ -117,16 +118,30 @@ def poisson_3d(n: int) -> sp.csr_matrix:
             + sp.kron(sp.kron(eye, eye), t)).tocsr()
 
 
+#: The clock ``interleaved_medians`` reads: "wall" (``time.perf_counter``) or "cpu"
+#: (``time.process_time``: this process's user + system time, page faults included, which on
+#: a machine shared with other work moves less than wall time; with OpenBLAS on one thread
+#: the two agree on a quiet machine). Set by ``--clock``.
+CLOCK = {"now": time.perf_counter}
+
+
+def set_clock(name: str) -> None:
+    """Time with the wall clock ("wall") or this process's CPU time ("cpu")."""
+    CLOCK["now"] = {"wall": time.perf_counter, "cpu": time.process_time}[name]
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, the functions run in turn ``repeats`` times."""
+    """Median time (:data:`CLOCK`) of each function, the functions run in turn ``repeats``
+    times."""
     times: dict[str, list[float]] = {name: [] for name in fns}
+    now = CLOCK["now"]
     for fn in fns.values():  # warm-up (the tape cache's blocks are allocated here)
         fn()
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = now()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -200,11 +215,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--blas-threads", default="1", help="OpenBLAS threads (default 1)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier under load)")
+    parser.add_argument("--cases", default="256x300,512x200",
+                        help="grid sides and iteration counts, NxK comma-separated")
     args = parser.parse_args()
-    cases = [(64, 50)] if args.quick else [(256, 300), (512, 200)]
+    set_clock(args.clock)
+    cases = ([(64, 50)] if args.quick else
+             [tuple(int(v) for v in c.split("x")) for c in args.cases.split(",")])
     repeats = 3 if args.quick else args.repeats
-    print(f"2D Poisson, CSR, tolerances 0, medians of {repeats} interleaved runs, "
-          f"OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS')}")
+    print(f"2D Poisson, CSR, tolerances 0, medians of {repeats} interleaved runs "
+          f"({args.clock} clock), OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS')}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     print("| solver | N | K | ours fwd (ms) | ours / SciPy fwd (<= 1.10) "
           "| implicit fwd+vjp / fwd (<= 2.2) | unrolled fwd+vjp / fwd (<= 3.0) | floor |")
     print("|---|---|---|---|---|---|---|---|")

@@ -129,6 +129,17 @@ class ArrayOps:
         """Return ``a`` with ``a[index] = value``; may write into ``a`` (functional here)."""
         return self.set_at(a, index, value)
 
+    def matmul_add_(self, y: Any, a: Any, b: Any) -> Any:
+        """Return ``y + a @ b`` (``a`` a matrix, ``b`` and ``y`` both matrices or both
+        vectors); may overwrite ``y`` with it (functional here).
+
+        GMRES's reverse sweep adds a low-rank ``(j + 1) x k`` by ``k x n`` product to its
+        basis cotangent with it: in place (NumPy: one BLAS ``gemm`` with ``beta = 1``) that
+        is one read and one write of the ``(j + 1) x n`` rows, instead of a temporary of
+        that size written, read back and added.
+        """
+        return y + a @ b
+
     def keep(self, a: Any) -> Any:
         """Return an array equal to ``a`` for a forward tape to hold (``solver.record``).
 
@@ -187,7 +198,41 @@ class NumpyOps(ArrayOps):
             return np.add(y, x, out=y)
         if np.ndim(a) == 0 and a == -1:
             return np.subtract(y, x, out=y)
+        # BLAS axpy: one fused pass (2 reads, 1 write), where NumPy's y += a * x writes and
+        # reads back a temporary (3 reads, 2 writes) -- the reverse sweeps are made of these.
+        axpy = _blas(y, "axpy", x) if np.ndim(a) == 0 and x.shape == y.shape else None
+        if axpy is not None:
+            coefficient = complex(a) if y.dtype.kind == "c" else float(np.real(a))
+            out = axpy(x.reshape(-1), y.reshape(-1), a=coefficient)
+            if not np.shares_memory(out, y):  # f2py copied (never expected): write it back
+                y[...] = out.reshape(y.shape)
+            return y
         y += a * x
+        return y
+
+    def matmul_add_(self, y: Any, a: Any, b: Any) -> Any:
+        if getattr(y, "ndim", 0) == 1 and a.ndim == 2 and b.ndim == 1:
+            # A vector: y += a @ b by BLAS gemv with beta = 1 (a Fortran-ordered a, e.g. the
+            # transpose of GMRES's basis rows, is read in place), no temporary n-vector.
+            gemv = _blas(y, "gemv", a, b) if a.flags.f_contiguous else None
+            if gemv is not None:
+                out = gemv(1.0, a, b, beta=1.0, y=y, overwrite_y=True)
+                if not np.shares_memory(out, y):  # f2py copied (never expected)
+                    y[...] = out
+                return y
+        gemm = (_blas(y, "gemm", a, b)
+                if y.ndim == 2 and a.ndim == 2 and b.ndim == 2 else None)
+        if gemm is None:
+            if (isinstance(y, np.ndarray) and y.flags.writeable
+                    and np.result_type(y, a, b) == y.dtype):
+                y += a @ b
+                return y
+            return y + a @ b
+        # BLAS is column-major: y (C order) is y^T (Fortran order), so y^T += b^T a^T is the
+        # same update, written in place (overwrite_c) without a transposed copy of y.
+        out = gemm(1.0, b.T, a.T, beta=1.0, c=y.T, overwrite_c=True)
+        if not np.shares_memory(out, y):  # f2py copied (never expected): write it back
+            y[...] = out.T
         return y
 
     def set_at_(self, a: Any, index: Any, value: Any) -> Any:
@@ -243,6 +288,27 @@ class FactoredTriangle:
 
     def solve(self, rhs: Any) -> Any:
         return self._lu.solve(np.asarray(rhs), trans="T" if self._transposed else "N")
+
+
+_BLAS_TYPES = {np.dtype(t) for t in ("float32", "float64", "complex64", "complex128")}
+_BLAS_CACHE: dict[tuple[str, str], Callable] = {}
+
+
+def _blas(y: Any, name: str, *operands: Any) -> Callable | None:
+    """The BLAS routine ``name`` for ``y``'s dtype, or None: ``y`` a C-contiguous writeable
+    NumPy array of a BLAS type and every operand a NumPy array of that dtype (BLAS takes no
+    mixed types; the caller then falls back to NumPy)."""
+    if not (isinstance(y, np.ndarray) and y.dtype in _BLAS_TYPES
+            and y.flags.c_contiguous and y.flags.writeable):
+        return None
+    if not all(isinstance(o, np.ndarray) and o.dtype == y.dtype for o in operands):
+        return None
+    key = (name, y.dtype.char)
+    if key not in _BLAS_CACHE:
+        import scipy.linalg.blas  # lazy: the core imports numpy only at module level
+
+        _BLAS_CACHE[key] = scipy.linalg.blas.get_blas_funcs(name, dtype=y.dtype)
+    return _BLAS_CACHE[key]
 
 
 def _fits_in_place(y: Any, *operands: Any) -> bool:

@@ -253,6 +253,55 @@ def test_bicgstab_takes_two_matvecs_per_iteration():
     assert len(calls) == 1 + 2 * 6
 
 
+def _arnoldi_run(A: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """One GMRES cycle of ``steps`` Arnoldi steps on NumPy: the basis, the Hessenberg matrix,
+    and for each step whether the second Gram-Schmidt pass ran."""
+    solver, op = po.GMRES(restart=steps), po.aslinearoperator(A)
+    b = random_vector(A.shape[0], seed=2)
+    state = solver.init(op.ops, op, b, np.zeros_like(b), None)
+    second = []
+    for _ in range(steps):
+        state = solver.step(op.ops, op, b, state, None)
+        second.append(state["arnoldi"].h2 is not None)
+    return state["V"][: steps + 1], state["H"][: steps + 1, :steps], second
+
+
+@pytest.mark.parametrize("case", ["ill_conditioned", "random"])
+def test_gmres_conditional_reorthogonalisation_keeps_the_basis_orthonormal(case):
+    # NumPy's Gram-Schmidt makes its second pass only when the first cancelled more than a
+    # factor sqrt(2) of ||A v_j|| (DGKS). The basis must stay orthonormal to rounding as
+    # with two passes always, and the Arnoldi relation A V_k = V_{k+1} H_k must hold, checked
+    # against dense products. On a nonsymmetric A of condition 1e10 the second pass must
+    # run (a nearly invariant Krylov space cancels most of w); on a random A of unit scale
+    # (w mostly new) it must be skipped at some steps.
+    rng = np.random.default_rng(0)
+    n, steps = 80, 40
+    if case == "ill_conditioned":
+        U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        W, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = U @ np.diag(np.logspace(0, -10, n)) @ W.T
+        assert np.linalg.cond(A) > 1e9
+    else:
+        A = rng.standard_normal((n, n)) / np.sqrt(n)
+    V, H, second = _arnoldi_run(A, steps)
+    eps = np.finfo(np.float64).eps
+    assert np.linalg.norm(V @ V.T - np.eye(steps + 1), 2) <= 10 * steps * eps
+    residual = np.linalg.norm(A @ V[:steps].T - V.T @ H, 2)
+    assert residual <= 10 * steps * eps * np.linalg.norm(A, 2)
+    if case == "ill_conditioned":
+        assert sum(second) >= steps // 2, second
+    else:
+        assert 0 < sum(second) < steps and not all(second), second
+    # The skipped passes cost no accuracy: one cycle's iterate equals the dense minimiser
+    # of ||b - A x|| over the same Krylov space, to eps cond.
+    b = random_vector(n, seed=2)
+    x = po.solve(A, b, "gmres", restart=steps, rtol=0, atol=0, maxiter=steps).x
+    y = np.linalg.lstsq(A @ V[:steps].T, b, rcond=None)[0]
+    reference = V[:steps].T @ y
+    scale = np.linalg.norm(reference)
+    assert np.linalg.norm(x - reference) <= 1e3 * eps * np.linalg.cond(A @ V[:steps].T) * scale
+
+
 def test_gmres_cycle_is_capped_at_n_and_exact_after_n_steps():
     A = _nonsymmetric(4, np.float64)
     n = A.shape[0]
@@ -408,8 +457,10 @@ def test_unrolled_gradients_match_finite_differences(solver, options, K, dtype, 
         check(_pair(x_bar, run(b, A + H * dA) - run(b, A - H * dA)) / (2 * H), _pair(cot_A, dA))
 
 
-def test_gmres_tape_keeps_one_basis_per_cycle():
-    # Memory O(K n): only the steps that began with a restart record anything.
+def test_gmres_tape_keeps_one_vector_per_step_and_one_basis_per_cycle():
+    # Memory O(K n): every step keeps w = A v_j (and, where the second Gram-Schmidt pass
+    # ran, the vector between the passes) and a reference to its cycle's basis; only the
+    # steps that began with a restart keep the finished cycle's state.
     A = convection_diffusion_2d(4)
     b = random_vector(A.shape[0])
     problem_solver = po.GMRES(restart=4)
@@ -421,8 +472,14 @@ def test_gmres_tape_keeps_one_basis_per_cycle():
         new = problem_solver.step(ops, Aop, b, state, None)
         records.append(problem_solver.record(ops, Aop, b, None, state, new))
         state = new
-    kept = [k for k, r in enumerate(records) if r is not None]
+    kept = [k for k, r in enumerate(records) if r["finished"] is not None]
     assert kept == [4, 8]  # the steps that restarted (after 4 and 8 Arnoldi steps)
+    assert [r["j"] for r in records] == [0, 1, 2, 3] * 2 + [0, 1, 2]
+    assert all(r["w"].shape == b.shape and (r["w1"] is None) == (r["h2"] is None)
+               for r in records)
+    bases = {id(r["V"]) for r in records}
+    assert len(bases) == 3 and all(r["V"] is records[4 * (k // 4)]["V"]
+                                   for k, r in enumerate(records))
 
 
 @pytest.mark.parametrize("fmt", ["dense", "sparse"])

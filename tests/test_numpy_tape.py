@@ -153,12 +153,34 @@ def test_in_place_ops_reuse_private_buffers_and_agree_with_the_functional_ones()
     ops, functional = NumpyOps(), ArrayOps(np)
     rng = np.random.default_rng(12)
     x, y0 = rng.standard_normal(50), rng.standard_normal(50)
+    eps = np.finfo(np.float64).eps
     for a in (np.float64(0.3), 1, -1, np.float64(-2.5)):
         y = y0.copy()
         out = ops.axpy_(y, a, x)
         assert out is y
-        np.testing.assert_array_equal(out, functional.axpy_(y0, a, x))
+        # BLAS axpy (a fused pass) may round y + a x once where NumPy rounds a x first:
+        # one rounding apart, 2 eps |y + a x| + eps |a x| at most.
+        reference = functional.axpy_(y0, a, x)
+        np.testing.assert_array_less(np.abs(out - reference),
+                                     2 * eps * np.abs(reference) + eps * np.abs(a * x)
+                                     + np.finfo(np.float64).tiny)
         np.testing.assert_array_equal(y0 + a * x, functional.axpy_(y0, a, x))
+    # Complex data take the complex BLAS routine, in place as well.
+    yc0 = y0 + 1j * rng.standard_normal(50)
+    yc, xc = yc0.copy(), x - 2j * y0
+    assert ops.axpy_(yc, np.complex128(0.5 - 1.5j), xc) is yc
+    np.testing.assert_allclose(yc, yc0 + (0.5 - 1.5j) * xc, rtol=4 * eps, atol=4 * eps)
+    # matmul_add_: y + a @ b in place, for a block of rows (gemm) and a vector (gemv).
+    Y0, C, S = rng.standard_normal((6, 50)), rng.standard_normal((4, 2)), rng.standard_normal(
+        (2, 50))
+    Y = Y0.copy()
+    assert ops.matmul_add_(Y[:4], C, S).base is Y
+    np.testing.assert_allclose(Y[:4], Y0[:4] + C @ S, rtol=1e-14, atol=1e-14)
+    np.testing.assert_array_equal(Y[4:], Y0[4:])
+    np.testing.assert_array_equal(functional.matmul_add_(Y0[:4], C, S), Y0[:4] + C @ S)
+    y = y0.copy()
+    assert ops.matmul_add_(y, Y0[:3].T, C[:3, 0]) is y
+    np.testing.assert_allclose(y, y0 + Y0[:3].T @ C[:3, 0], rtol=1e-14, atol=1e-14)
     y = y0.copy()
     assert ops.scale_(y, np.float64(0.5)) is y
     np.testing.assert_array_equal(y, 0.5 * y0)

@@ -46,9 +46,15 @@ class BiCGSTAB(IterativeSolver):
         zeros = xp.zeros_like(r)
         # "t" (= A s_hat of the last step) is kept only for the reverse sweep; every key is
         # present from the start so that the state's structure never changes (JAX loops).
-        return {"x": x0, "r": r, "r_hat": r, "p": zeros, "v": zeros, "t": zeros,
-                "rho": one, "alpha": one, "omega": one, "rnorm": ops.norm(r),
-                "breakdown": xp.asarray(False)}
+        state = {"x": x0, "r": r, "r_hat": r, "p": zeros, "v": zeros, "t": zeros,
+                 "rho": one, "alpha": one, "omega": one, "rnorm": ops.norm(r),
+                 "breakdown": xp.asarray(False)}
+        if ops.eager:
+            # Eager backends (NumPy, CuPy) also carry s = r - alpha' v' for the tape: kept, it
+            # saves the reverse step its recomputation (3 reads, 2 writes) and A's deferred
+            # cotangent a copy of it. Traced code (JAX) keeps its state as it was.
+            state["s"] = zeros
+        return state
 
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
@@ -75,8 +81,11 @@ class BiCGSTAB(IterativeSolver):
         rnorm = ops.norm(r)
         stalled = xp.logical_and(omega == 0, rnorm > 0)
         breakdown = xp.logical_and(xp.logical_or(lost, stalled), state["rnorm"] > 0)
-        return {"x": x, "r": r, "r_hat": r_hat, "p": p, "v": v, "t": t, "rho": rho_new,
-                "alpha": alpha, "omega": omega, "rnorm": rnorm, "breakdown": breakdown}
+        new = {"x": x, "r": r, "r_hat": r_hat, "p": p, "v": v, "t": t, "rho": rho_new,
+               "alpha": alpha, "omega": omega, "rnorm": rnorm, "breakdown": breakdown}
+        if "s" in state:
+            new["s"] = s
+        return new
 
     # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
     # Cotangents follow JAX's convention. For s = <a, b> = sum(conj(a) b):
@@ -90,8 +99,10 @@ class BiCGSTAB(IterativeSolver):
         # step; M p' and M s are recomputed in the reverse.
         # ops.keep copies each vector once: p', v', t are the next step's p, v, t, and r_hat
         # is the same at every step.
-        kept_before = {k: ops.keep(v) for k, v in before.items() if k != "x"}
-        kept_after = {k: ops.keep(after[k]) for k in ("p", "v", "t", "rho", "alpha", "omega")}
+        # s (eager backends) is kept too; it is not needed from "before".
+        kept_before = {k: ops.keep(v) for k, v in before.items() if k not in ("x", "s")}
+        kept_after = {k: ops.keep(after[k]) for k in ("p", "v", "t", "s", "rho", "alpha",
+                                                        "omega") if k in after}
         return (kept_before, kept_after)
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
@@ -113,7 +124,9 @@ class BiCGSTAB(IterativeSolver):
         beta = ratio_rho * ratio_ao
         p_hat = precondition(M, p)
         rv = ops.vdot(r_hat, v)
-        s = ops.axpy_(-alpha * v, 1, r)  # s = r - alpha' v'
+        s = after.get("s")
+        if s is None:  # traced code: s = r - alpha' v' recomputed
+            s = ops.axpy_(-alpha * v, 1, r)
         s_hat = precondition(M, s)
         tt = ops.vdot(t, t)
 

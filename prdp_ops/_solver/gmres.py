@@ -20,8 +20,16 @@ restart, which keeps the reported residual honest).
 
 The state has fixed shapes (``V`` is ``(m + 1, n)`` with ``m = min(restart, n)``; rows not
 yet in use are zero), so the same code runs inside ``jax.lax.while_loop``. Orthogonalisation
-is classical Gram-Schmidt applied twice (CGS2), which is as accurate as modified Gram-Schmidt
-and made of matrix-vector products with ``V`` instead of a loop over its rows. A happy
+is classical Gram-Schmidt, made of matrix-vector products with ``V`` instead of a loop over
+its rows. Traced and GPU code (JAX, CuPy) applies it twice (CGS2), which is as accurate as
+modified Gram-Schmidt. On NumPy the second pass is made only when it is needed (DGKS: Daniel,
+Gragg, Kaufman and Stewart, 1976): after one pass ``w1 = w - V^T conj(V) w``, the rounding
+left in ``w1`` along the basis is about ``eps ||w||``, i.e. ``eps ||w|| / ||w1||`` relative to
+``w1``. While ``||w1|| >= ||w|| / sqrt(2)`` (:data:`REORTHOGONALISE_BELOW`) that is at most
+``sqrt(2) eps``, as orthogonal as a second pass would make it; when the projection removed
+more (a nearly invariant Krylov space, an ill-conditioned ``A``), the second pass runs. Each
+pass reads the basis twice, so the common case reads it twice per step instead of four times
+(as SciPy's modified Gram-Schmidt does). A happy
 breakdown (``h_{j+1,j} <= eps ||A M v_j||``: the Krylov space is invariant, up to rounding,
 and ``x_j`` is exact) is convergence, not failure; a pivot ``R_jj <= eps ||A M v_j||`` while
 the residual is non-zero (``A M`` singular on the Krylov space) is reported as breakdown.
@@ -29,13 +37,32 @@ the residual is non-zero (``A M`` singular on the Krylov space) is reported as b
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 from prdp_ops._array_ops import ArrayOps
 from prdp_ops._solver.base import IterativeSolver, State, cotangent, precondition, precondition_T
 
-__all__ = ["GMRES"]
+__all__ = ["GMRES", "REORTHOGONALISE_BELOW"]
+
+#: DGKS criterion (NumPy): the second Gram-Schmidt pass of an Arnoldi step runs when the first
+#: one left ``||w1|| < REORTHOGONALISE_BELOW * ||w||`` (the projection cancelled more than a
+#: factor ``sqrt(2)`` of ``w``'s norm); see the module docstring. Traced/GPU code always
+#: makes both passes.
+REORTHOGONALISE_BELOW = 1 / math.sqrt(2)
+
+
+class ArnoldiStep(NamedTuple):
+    """What one Arnoldi step computed and the reverse sweep needs (eager backends only, in the
+    state under ``"arnoldi"``): ``w = A M v_j``, the first pass's coefficients ``h1`` and, when
+    the second pass ran, the vector ``w1`` it started from and its coefficients ``h2`` (else
+    ``None``: ``w1`` is then ``h_{j+1,j} v_{j+1}``, kept in the basis)."""
+
+    w: Any
+    h1: Any
+    w1: Any
+    h2: Any
 
 
 def _safe_sqrt(ops: ArrayOps, square: Any) -> Any:
@@ -113,17 +140,33 @@ def _rows_in_use(ops: ArrayOps, V: Any, j: Any) -> Any:
     return V
 
 
-def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any]:
-    """CGS2: project ``w`` off the rows of ``V`` twice.
+def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """Project ``w`` off the rows of ``V``: twice (CGS2), or on NumPy once when that is
+    enough (the DGKS test, :data:`REORTHOGONALISE_BELOW`).
 
-    Returns ``(h1, h2, w1, w2)``: the two coefficient vectors and the vector after each pass
-    (``h1 + h2`` is the Hessenberg column, ``w2`` the unnormalised new basis vector).
+    Returns ``(h1, h2, w1, w2, h_next)``: the coefficient vectors of each pass (``h2`` is
+    ``None`` when the second pass did not run), the vector after each pass (``w2`` is ``w1``
+    then) and ``||w2||``, the unnormalised new basis vector's norm (``h1 + h2`` is the
+    Hessenberg column).
     """
     h1 = _adjoint_product(ops, V, w)
-    w1 = w - V.T @ h1
+    if ops.name != "numpy":
+        w1 = w - V.T @ h1
+        h2 = _adjoint_product(ops, V, w1)
+        w2 = w1 - V.T @ h2
+        return h1, h2, w1, w2, _safe_norm(ops, w2)
+    # NumPy: w1 = w - V^T h1 by one in-place gemv on a copy of w (w itself is kept for the
+    # reverse sweep): no n-vector temporaries, whose fresh pages cost as much as the pass
+    # when the allocator hands them back to the kernel between steps.
+    w1 = ops.matmul_add_(w.copy(), V.T, -h1)
+    # Both norms are one pass over an n-vector each; the second projection reads the
+    # (j + 1) x n basis twice. ||w1|| is the new h_{j+1,j} when the pass is skipped.
+    w1_norm = _safe_norm(ops, w1)
+    if float(w1_norm) >= REORTHOGONALISE_BELOW * float(_safe_norm(ops, w)):
+        return h1, None, w1, w1, w1_norm
     h2 = _adjoint_product(ops, V, w1)
-    w2 = w1 - V.T @ h2
-    return h1, h2, w1, w2
+    w2 = ops.matmul_add_(w1.copy(), V.T, -h2)
+    return h1, h2, w1, w2, _safe_norm(ops, w2)
 
 
 def _adjoint_product(ops: ArrayOps, V: Any, w: Any) -> Any:
@@ -148,9 +191,11 @@ class GMRES(IterativeSolver):
     (``A M u = b``, ``x = M u``), so the reported residual norms are those of ``b - A x``.
     (``scipy.sparse.linalg.gmres`` preconditions on the left and tests ``M (b - A x)``;
     without ``M`` the two give the same iterates cycle for cycle.)
-    The unrolled reverse sweep works cycle by cycle: the forward tape keeps one basis per
-    finished cycle (``O(iterations * n)`` memory), and the reverse of a cycle recomputes its
-    ``A M v_j`` (one product with ``A`` per step) besides the ``A^T`` products.
+    The unrolled reverse sweep (NumPy/CuPy) works step by step: the forward tape keeps, per
+    step, ``w = A M v_j`` (and, after a second Gram-Schmidt pass, the vector between the
+    passes) and one basis per cycle (``O(iterations * n)`` memory), so a reverse step takes
+    one product with ``A^T`` and recomputes nothing of the forward step (with ``M``: one
+    product with ``M`` to rebuild ``M v_j``).
     """
 
     supports_preconditioner = True
@@ -173,7 +218,10 @@ class GMRES(IterativeSolver):
         # A cycle longer than n cannot help (the Krylov space is at most n-dimensional), so,
         # as in SciPy, a cycle has min(restart, n) steps.
         state = _start_cycle(ops, A, b, x0, min(self.restart, b.shape[0]))
-        return {**state, "rnorm": state["beta"], "breakdown": ops.xp.asarray(False)}
+        state = {**state, "rnorm": state["beta"], "breakdown": ops.xp.asarray(False)}
+        if ops.eager:  # a key of every eager state (the structure never changes)
+            state["arnoldi"] = None
+        return state
 
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
@@ -188,9 +236,9 @@ class GMRES(IterativeSolver):
         # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j.
         w = A.matvec(precondition(M, V[j]))
         rows = _rows_in_use(ops, V, j)
-        h1, h2, _, w2 = _orthogonalise(ops, rows, w)
-        h_next = _safe_norm(ops, w2)
-        column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]), h1 + h2)
+        h1, h2, w1, w2, h_next = _orthogonalise(ops, rows, w)
+        column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]),
+                            h1 if h2 is None else h1 + h2)
         # ||w|| from the column (V is orthonormal, so ||w||^2 = ||h||^2 + h_next^2): the
         # scale against which "zero" is judged. Exact zeros are rare in floating point: a
         # Krylov space invariant up to rounding leaves h_next ~ eps ||w||, whose direction
@@ -225,9 +273,14 @@ class GMRES(IterativeSolver):
         # not zero that is a breakdown; the driver keeps the state before this step.
         breakdown = xp.logical_and(rho <= eps * w_norm, residual_before > 0)
         q = Q[j + 1, 0]
-        return {"x_cycle": state["x_cycle"], "V": V, "H": H, "Q": Q, "beta": beta,
-                "j": j + 1, "rnorm": beta * _safe_sqrt(ops, xp.real(xp.conj(q) * q)),
-                "breakdown": breakdown}
+        new = {"x_cycle": state["x_cycle"], "V": V, "H": H, "Q": Q, "beta": beta,
+               "j": j + 1, "rnorm": beta * _safe_sqrt(ops, xp.real(xp.conj(q) * q)),
+               "breakdown": breakdown}
+        if ops.eager:
+            # The reverse sweep's record (w, and w1 after a second pass): keeping them saves
+            # the reverse a product with A and both projections per step.
+            new["arnoldi"] = ArnoldiStep(w, h1, None if h2 is None else w1, h2)
+        return new
 
     def iterate(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> Any:
         y, _, _ = _cycle_solution(ops, state)
@@ -238,52 +291,96 @@ class GMRES(IterativeSolver):
             return state["x_cycle"] + precondition(M, state["V"][:J].T @ y[:J])
         return state["x_cycle"] + precondition(M, state["V"][:-1].T @ y)
 
-    # -- reverse sweep (NumPy/CuPy), cycle by cycle ---------------------------------------
-    # The cotangent passed between steps is that of the cycle's start "x_cycle" only: the
-    # reverse of a whole cycle (x_end = x_c + M V_J y_J with the Arnoldi relations) is done
-    # at once, by iterate_vjp for the last cycle and by the step_vjp of the step that began
-    # with a restart for each finished one. The other steps' reverses are the identity.
+    # -- reverse sweep (NumPy/CuPy), step by step -----------------------------------------
+    # The forward keeps, per step, w = A M v_j (and w1 when the second Gram-Schmidt pass ran)
+    # and references to its cycle's basis, so a reverse step recomputes no forward quantity:
+    # it needs one A^T product and four reads of the rows in use (two products with the
+    # basis, one read and write of its cotangent), against the forward's two.
+    # The cotangent passed between the steps of a cycle is that of the cycle's basis "V"
+    # (rows <= j + 1 meaningful), of its Hessenberg matrix "H" ((J + 1) x J, from the cycle's
+    # least-squares solve), of "beta" and of the cycle's start "x_cycle". The end point of a
+    # cycle, x_c + M V_J y_J, is reversed by iterate_vjp for the last cycle and, for each
+    # finished one, by the step that began the next cycle with a restart (after it reversed
+    # the new cycle's start, v_0 = r / ||r||, r = b - A x_c).
     # Cotangents follow JAX's convention (the pairing Re sum(z_bar * dz), no conjugation).
 
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # Only a step that began with a restart keeps something: the finished cycle's state
-        # (references, not copies), one basis per cycle.
-        if int(ops.to_float(before["j"])) == _cycle_length(before):
-            return before
-        return None
+        if not ops.eager:
+            # Traced code (JAX) differentiates step itself: the record reads j on the host.
+            raise NotImplementedError("GMRES's reverse step runs on eager backends only")
+        step = after["arnoldi"]
+        j = int(ops.to_float(after["j"])) - 1
+        m = _cycle_length(before)
+        return {
+            "j": j,
+            "V": after["V"],  # the cycle's basis (a reference: rows <= j + 1 are final)
+            "column": after["H"][: j + 2, j],
+            "beta": after["beta"],
+            "x_cycle": after["x_cycle"],
+            "w": ops.keep(step.w),
+            "h1": step.h1[: j + 1],
+            "w1": None if step.w1 is None else ops.keep(step.w1),
+            "h2": None if step.h2 is None else step.h2[: j + 1],
+            # A step that began with a restart keeps the finished cycle's state (references):
+            # its end point is the new cycle's x_c.
+            "finished": before if int(ops.to_float(before["j"])) == m else None,
+        }
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
+        xp = ops.xp
+        j, V = record["j"], record["V"]
         x_cycle_bar = cotangent(state_bar, "x_cycle", b)
-        if record is None:
+        V_bar, H_bar = state_bar.get("V"), state_bar.get("H")
+        beta_bar = state_bar.get("beta")
+        if V_bar is None:  # nothing reached this cycle's basis
+            V_bar = xp.zeros_like(V)
+        column_bar = (H_bar[: j + 2, j] if H_bar is not None
+                      else xp.zeros(j + 2, dtype=V.dtype))
+        self._arnoldi_vjp(ops, M, record, column_bar, V_bar, ctx)
+        if j > 0:
+            return {"x_cycle": x_cycle_bar, "V": V_bar, "H": H_bar, "beta": beta_bar}
+        # The cycle's start: v_0 = r / beta, beta = ||r||, r = b - A x_c.
+        v0, beta = V[0], record["beta"]
+        beta_bar = 0.0 if beta_bar is None else beta_bar
+        beta_bar = beta_bar - xp.real(ops.dot(V_bar[0], v0)) * ops.safe_divide(1.0, beta)
+        r_bar = ops.axpy_(ops.safe_divide(V_bar[0], beta), beta_bar, ops.conj(v0))
+        ctx.add_b(r_bar)
+        x_cycle_bar = x_cycle_bar + ctx.matvec_T(record["x_cycle"], -r_bar)
+        if record["finished"] is None:  # the first cycle: x_c = x0 (init_vjp)
             return {"x_cycle": x_cycle_bar}
-        return {"x_cycle": self._cycle_vjp(ops, A, b, M, record, x_cycle_bar, ctx)}
+        # x_c is the finished cycle's end point; its basis cotangent reuses this buffer.
+        return self._end_point_vjp(ops, M, record["finished"], x_cycle_bar, ctx, V_bar)
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
                  ctx: Any) -> Any:
+        # The first cycle's start was reversed by the first step (a run of no steps leaves
+        # x = x0: only x_cycle's cotangent).
         return cotangent(state_bar, "x_cycle", x0)
 
     def iterate_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, state: State, x_bar: Any,
                     ctx: Any) -> State:
-        return {"x_cycle": self._cycle_vjp(ops, A, b, M, state, x_bar, ctx)}
+        return self._end_point_vjp(ops, M, state, x_bar, ctx, None)
 
-    def _cycle_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, state: State, x_bar: Any,
-                   ctx: Any) -> Any:
-        """Map the cotangent of the cycle's end point ``x_c + M V_J y_J`` to that of ``x_c``
-        (``b`` and ``A`` receive their shares through ``ctx``)."""
+    def _end_point_vjp(self, ops: ArrayOps, M: Any, state: State, x_bar: Any, ctx: Any,
+                       buffer: Any) -> State:
+        """Reverse of a cycle's end point ``x_c + M V_J y_J``: the cotangents of ``x_c``,
+        ``V``, ``H`` and ``beta`` (``V``'s written into ``buffer`` when given)."""
         xp = ops.xp
         V, H, beta = state["V"], state["H"], state["beta"]
         J = int(ops.to_float(state["j"]))
+        if J == 0:  # x = x_c
+            return {"x_cycle": x_bar}
         y, R, _ = _cycle_solution(ops, state)
         y, R = y[:J], R[:J, :J]
         H_J = H[: J + 1, :J]
         # x_end = x_c + M u,  u = V_J^T y
         u_bar = precondition_T(M, ctx, x_bar)
-        # V_bar is this function's own accumulator (NumPy/CuPy only), so it is updated in
-        # place rather than copied once per Arnoldi step.
-        V_bar = xp.zeros_like(V)
-        V_bar[:J] = y[:, None] * u_bar[None, :]
+        # V_bar is the sweep's own accumulator (NumPy/CuPy only), updated in place.
+        V_bar = xp.empty_like(V) if buffer is None else buffer
+        xp.multiply(y[:, None], u_bar[None, :], out=V_bar[:J])
+        V_bar[J:] = 0
         y_bar = V[:J] @ u_bar
         # y = argmin ||c - H_J y||, c = beta e_1, H_J = Q^H [R; 0]. With eta solving
         # R^H R eta = conj(y_bar) and the least-squares residual l = c - H_J y:
@@ -293,46 +390,47 @@ class GMRES(IterativeSolver):
         c[0] = beta
         c_bar = xp.conj(H_J @ eta)
         H_bar = -c_bar[:, None] * y[None, :] + xp.conj(c - H_J @ y)[:, None] * eta[None, :]
-        beta_bar = xp.real(c_bar[0])
-        for j in range(J - 1, -1, -1):
-            self._arnoldi_vjp(ops, A, M, V, H, j, H_bar[: j + 2, j], V_bar, ctx)
-        # v_0 = r / beta,  beta = ||r||,  r = b - A x_c
-        v0 = V[0]
-        beta_bar = beta_bar - xp.real(ops.dot(V_bar[0], v0)) * ops.safe_divide(1.0, beta)
-        r_bar = ops.safe_divide(V_bar[0], beta) + beta_bar * xp.conj(v0)
-        ctx.add_b(r_bar)
-        return x_bar + ctx.matvec_T(state["x_cycle"], -r_bar)
+        return {"x_cycle": x_bar, "V": V_bar, "H": H_bar, "beta": xp.real(c_bar[0])}
 
-    def _arnoldi_vjp(self, ops: ArrayOps, A: Any, M: Any, V: Any, H: Any, j: int,
-                     column_bar: Any, V_bar: Any, ctx: Any) -> None:
+    def _arnoldi_vjp(self, ops: ArrayOps, M: Any, record: Any, column_bar: Any, V_bar: Any,
+                     ctx: Any) -> None:
         """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar`` (in place).
 
         ``column_bar`` is the cotangent of ``H[:j+2, j]``; ``V_bar[j+1]`` must already hold
         the full cotangent of the basis vector this step created.
         """
         xp = ops.xp
+        conj = ops.conj
+        j, V, w, h1, h2 = record["j"], record["V"], record["w"], record["h1"], record["h2"]
         V_active = V[: j + 1]
-        z = precondition(M, V[j])
-        w = A.matvec(z)  # recomputed: the tape keeps no per-step vectors
-        h1, h2, w1, _ = _orthogonalise(ops, V_active, w)
-        h_next = xp.real(H[j + 1, j])
+        h_next = xp.real(record["column"][j + 1])
         v_new = V[j + 1]
         v_new_bar = V_bar[j + 1]
         # v_new = w2 / h_next,  h_next = ||w2||
         h_next_bar = xp.real(column_bar[j + 1]) - xp.real(ops.dot(v_new_bar, v_new)) * \
             ops.safe_divide(1.0, h_next)
-        w2_bar = ops.safe_divide(v_new_bar, h_next) + h_next_bar * xp.conj(v_new)
+        w2_bar = ops.axpy_(ops.safe_divide(v_new_bar, h_next), h_next_bar, conj(v_new))
         h_bar = column_bar[: j + 1]
-        # w2 = w1 - V^T h2,  h2 = conj(V) w1
-        h2_bar = h_bar - V_active @ w2_bar
-        w1_bar = w2_bar + _adjoint_product(ops, V_active.T, h2_bar)
-        # w1 = w - V^T h1,  h1 = conj(V) w
-        h1_bar = h_bar - V_active @ w1_bar
-        w_bar = w1_bar + _adjoint_product(ops, V_active.T, h1_bar)
-        # V's share of all four products, -h2 w2_bar^T + conj(h2_bar w1^T) - h1 w1_bar^T
-        # + conj(h1_bar w^T), as one (j+1) x 4 by 4 x n matrix product.
-        coefficients = xp.stack([-h2, xp.conj(h2_bar), -h1, xp.conj(h1_bar)], axis=1)
-        V_bar[: j + 1] += coefficients @ xp.stack([w2_bar, xp.conj(w1), w1_bar, xp.conj(w)])
+        if h2 is None:
+            # One pass: w2 = w - V^T h1,  h1 = conj(V) w  (the Hessenberg column is h1).
+            h1_bar = h_bar - V_active @ w2_bar
+            w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h1_bar), 1, w2_bar)
+            # V's share: -h1 w2_bar^T + conj(h1_bar w^T), one (j+1) x 2 by 2 x n product.
+            coefficients = xp.stack([-h1, conj(h1_bar)], axis=1)
+            vectors = xp.stack([w2_bar, conj(w)])
+        else:
+            # Two passes: w2 = w1 - V^T h2, h2 = conj(V) w1; w1 = w - V^T h1, h1 = conj(V) w.
+            w1 = record["w1"]
+            h2_bar = h_bar - V_active @ w2_bar
+            w1_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h2_bar), 1, w2_bar)
+            h1_bar = h_bar - V_active @ w1_bar
+            w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h1_bar), 1, w1_bar)
+            # V's share of all four products, -h2 w2_bar^T + conj(h2_bar w1^T) - h1 w1_bar^T
+            # + conj(h1_bar w^T), as one (j+1) x 4 by 4 x n matrix product.
+            coefficients = xp.stack([-h2, conj(h2_bar), -h1, conj(h1_bar)], axis=1)
+            vectors = xp.stack([w2_bar, conj(w1), w1_bar, conj(w)])
+        ops.matmul_add_(V_bar[: j + 1], coefficients, vectors)
         # w = A z,  z = M v_j
+        z = precondition(M, V[j])
         z_bar = ctx.matvec_T(z, w_bar)
         V_bar[j] += precondition_T(M, ctx, z_bar)
