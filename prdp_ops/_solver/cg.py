@@ -6,10 +6,15 @@ the growing Krylov space. The recurrence, with ``z = M r`` and ``rho = <r, z>``:
     q = A p,  alpha = rho / <p, q>,  x' = x + alpha p,  r' = r - alpha q,
     z' = M r',  rho' = <r', z'>,  beta = rho' / rho,  p' = z' + beta p.
 
-Operation for operation this is ``scipy.sparse.linalg.cg``, so the iterates agree with
-SciPy's up to rounding. ``<p, q> <= 0`` with a non-zero residual means ``A`` is not positive
-definite along ``p``: the step length is meaningless and the solve is reported as a
-breakdown.
+A step starts by forming its direction, ``p = z + beta_prev p_prev`` (``beta_prev = 0`` at
+the first step), from the previous step's direction and ``beta`` kept in the state, rather
+than ending with ``p'``: every read of ``p`` then happens after ``p`` was written in the same
+step, so a JAX loop updates the direction in place (written at the end of the step, ``p'``
+overwrote the ``p`` that ``x' = x + alpha p`` still read, an order XLA enforces with a copy
+of ``p`` per step). Operation for operation this is ``scipy.sparse.linalg.cg`` (which also
+forms ``p`` at the start of an iteration), so the iterates agree with SciPy's up to
+rounding. ``<p, q> <= 0`` with a non-zero residual means ``A`` is not positive definite
+along ``p``: the step length is meaningless and the solve is reported as a breakdown.
 """
 
 from __future__ import annotations
@@ -36,14 +41,22 @@ class CG(IterativeSolver):
     def init(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any) -> State:
         r = b - A.matvec(x0)
         z = precondition(M, r)
-        # "q" (= A p of the last step) is kept in the state for the reverse sweep; the state's
-        # structure must not change between steps (JAX loops), so it starts as zeros.
-        return {"x": x0, "r": r, "p": z, "rho": ops.vdot(r, z), "rnorm": ops.norm(r),
-                "breakdown": ops.xp.asarray(False), "q": ops.xp.zeros_like(r)}
+        rho = ops.vdot(r, z)
+        xp = ops.xp
+        # "p" and "beta" are the last step's direction and the beta that forms the next one
+        # (zero: the first direction is z); "q" (= A p) and "pq" (= <p, q>) of the last step
+        # are kept for the reverse sweep. The state's structure must not change between
+        # steps (JAX loops), so these start as zeros. z = M r is kept when M is given (the
+        # next direction needs it; without M it is r).
+        state = {"x": x0, "r": r, "p": xp.zeros_like(z), "beta": xp.zeros_like(rho),
+                 "rho": rho, "rnorm": ops.norm(r), "breakdown": xp.asarray(False),
+                 "q": xp.zeros_like(r), "pq": xp.zeros_like(rho)}
+        return state if M is None else {**state, "z": z}
 
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
-        x, r, p, rho = state["x"], state["r"], state["p"], state["rho"]
+        x, r, rho = state["x"], state["r"], state["rho"]
+        p = (r if M is None else state["z"]) + state["beta"] * state["p"]
         q = A.matvec(p)
         pq = ops.vdot(p, q)
         alpha = ops.safe_divide(rho, pq)
@@ -56,8 +69,9 @@ class CG(IterativeSolver):
         rnorm = ops.norm(r) if M is not None else ops.xp.sqrt(ops.xp.real(rho_new))
         # p.Ap <= 0 while the residual is not yet zero: A is not positive definite.
         breakdown = xp.logical_and(xp.real(pq) <= 0, state["rnorm"] > 0)
-        return {"x": x, "r": r, "p": z + beta * p, "rho": rho_new, "rnorm": rnorm,
-                "breakdown": breakdown, "q": q}
+        new = {"x": x, "r": r, "p": p, "beta": beta, "rho": rho_new, "rnorm": rnorm,
+               "breakdown": breakdown, "q": q, "pq": pq}
+        return new if M is None else {**new, "z": z}
 
     # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
     # Cotangents follow JAX's convention. For s = <a, b> = sum(conj(a) b):
@@ -65,23 +79,29 @@ class CG(IterativeSolver):
 
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The reverse step needs p and rho before the step, and r', q = A p and rho' after
-        # it (not x: the step is affine in x; not r: only r' = r - alpha q enters the
-        # reverse). Keeping q saves the reverse sweep one product with A per step, keeping r'
-        # the recomputation of r - alpha q. Memory: three n-vectors per iteration, the least
-        # for a reverse without recomputation (no one of p, q, r' follows stably from the
-        # other two and the scalars).
-        return (ops.keep(before["p"]), ops.keep(after["q"]), ops.keep(after["r"]),
-                before["rho"], after["rho"])
+        # The reverse step needs the step's direction p, rho before the step, and r',
+        # q = A p, rho' and <p, q> after it (not x: the step is affine in x; not r: only
+        # r' = r - alpha q enters the reverse). Keeping q saves the reverse sweep one
+        # product with A per step, keeping r' the recomputation of r - alpha q, keeping
+        # <p, q> a reduction over two vectors. Memory: three n-vectors per iteration, the
+        # least for a reverse without recomputation (no one of p, q, r' follows stably from
+        # the other two and the scalars).
+        return (ops.keep(after["p"]), ops.keep(after["q"]), ops.keep(after["r"]),
+                before["rho"], after["rho"], after["pq"])
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
+        # The chain is that of the recurrence q = A p, ..., p' = z' + beta p with p the
+        # direction of this step: the formation of the next direction p' (which the next
+        # step's forward does first) is reversed here, where p is at hand, so state_bar["p"]
+        # is the cotangent of the next step's direction p' (zero after the last step) and
+        # the "p" returned that of this step's direction; "beta", "z" get none. init_vjp
+        # takes "p" as the cotangent of the first direction, z0.
         # state_bar's "r" and "p" are private to the sweep, so they are updated in place
         # (ops.axpy_/scale_, functional on JAX); x_bar passes through and is never written.
         conj = ops.conj
-        p, q, r_new, rho, rho_new = record
-        # Recompute the step's scalars from the recorded vectors (bit for bit the forward's).
-        pq = ops.vdot(p, q)
+        p, q, r_new, rho, rho_new, pq = record
+        # The step's scalars from the recorded ones (bit for bit the forward's).
         alpha = ops.safe_divide(rho, pq)
         beta = ops.safe_divide(rho_new, rho)
 
@@ -127,7 +147,7 @@ class CG(IterativeSolver):
         x_bar = cotangent(state_bar, "x", r)
         r_bar = cotangent(state_bar, "r", r)
         rho_bar = cotangent(state_bar, "rho", ops.vdot(r, z))
-        # rho = <r, z> ;  p = z ;  z = M r
+        # rho = <r, z> ;  first direction p = z (state_bar["p"]: see step_vjp) ;  z = M r
         r_bar = r_bar + xp.conj(z * rho_bar)
         z_bar = cotangent(state_bar, "p", r) + xp.conj(r) * rho_bar
         r_bar = r_bar + precondition_T(M, ctx, z_bar)
