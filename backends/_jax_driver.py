@@ -348,6 +348,21 @@ def keys_read_by_step(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
     return tuple(sorted(_consumed(lambda s: solver.step(ops, A, b, s, M), state)))
 
 
+def keys_passed_through(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
+                        state: State) -> tuple[str, ...]:
+    """The entries ``step`` returns unchanged (the very input, by its jaxpr): constants of
+    the solve such as a stationary method's prepared ``P`` (Jacobi's diagonal). A tape need
+    not keep them per step: every state holds the final state's value."""
+    keys = sorted(state)
+    closed, shapes = jax.make_jaxpr(lambda *leaves: solver.step(
+        ops, A, b, dict(zip(keys, leaves, strict=True)), M), return_shape=True)(
+        *[state[k] for k in keys])
+    jaxpr = closed.jaxpr
+    out = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), jaxpr.outvars)
+    return tuple(k for k, var in zip(keys, jaxpr.invars, strict=True)
+                 if isinstance(out, dict) and out.get(k) is var)
+
+
 def keys_read_by_iterate(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
                          state: State) -> tuple[str, ...]:
     """The entries ``iterate`` reads: those a failed step must not overwrite. The loop ends
@@ -414,8 +429,9 @@ def unrolled_pullback(solver: IterativeSolver, ops: Any, rebuild: Rebuild, M: An
         return d_bar, _add(params_bar, p_bar), b_bar + bb
 
     def restore(saved: dict[str, Any]) -> State:
-        # Entries the step does not read may hold anything: zeros keep shapes and dtypes.
-        return {k: saved[k] if k in saved else jnp.zeros_like(v) for k, v in template.items()}
+        # Entries not on the tape: constants of the solve (the final state holds their
+        # value), or entries the step does not read (anything of the right shape does).
+        return {k: saved[k] if k in saved else v for k, v in template.items()}
 
     carry = (state_bar, params_bar, b_bar)
     accepted = loop.accepted

@@ -418,7 +418,10 @@ def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Ta
     128^2 and 256^2, K = 300: gradient / forward 5.0 against 6.1 to 7.1 with every state).
     """
     state = jax.eval_shape(lambda b, x0: problem.solver.init(OPS, A, b, x0, M), b, x0)
-    keys = driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
+    # The entries step reads, less the constants it passes through (Jacobi's diagonal).
+    constant = driver.keys_passed_through(problem.solver, OPS, A, M, b, state)
+    keys = tuple(k for k in driver.keys_read_by_step(problem.solver, OPS, A, M, b, state)
+                 if k not in constant)
     capacity = max(problem.tape_capacity, 1)
     avals = unrolled.record_avals(problem.solver, OPS, A, M, b, x0)
     tape_state = sum(_nbytes(state[k]) for k in keys)

@@ -283,8 +283,9 @@ def _checkpointed(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, loo
     def segment(i: Any, carry: tuple) -> tuple:
         s = segments - 1 - i
         length = jnp.minimum(every, accepted - s * every)
-        first = {k: loop.tape[k][s] if k in loop.tape else jnp.zeros_like(v)
-                 for k, v in template.items()}
+        # Entries not on the tape are constants of the solve (the final state holds their
+        # value) or not read by step.
+        first = {k: loop.tape[k][s] if k in loop.tape else v for k, v in template.items()}
         local = jax.tree_util.tree_map(lambda a: jnp.zeros((every, *a.shape), a.dtype),
                                        tape.record_avals)
 

@@ -16,8 +16,12 @@ its transpose is the transposed iteration, run backwards:
 (``x_bar`` on the right meaning the updated ``x_bar``) with no intermediate quantities to
 store. The only thing recorded per step is the iterate ``x`` (a reference the forward pass
 holds anyway): A's cotangent needs the vectors ``A`` multiplied, and ``z = P r`` is
-recovered as ``(x' - x) / omega``. Cotangents follow JAX's convention (bilinear, no
-conjugation), so ``P^T`` is a plain transpose also for complex data.
+recovered as ``(x' - x) / omega``. ``P`` is the same at every step: an eager backend
+(NumPy, CuPy) records a reference to it; a traced one (JAX), whose tape copies every
+recorded array into a row per step, records nothing and the reverse step rebuilds it (a
+loop invariant, which XLA hoists out of the reverse loop). Cotangents follow JAX's
+convention (bilinear, no conjugation), so ``P^T`` is a plain transpose also for complex
+data.
 """
 
 from __future__ import annotations
@@ -116,14 +120,18 @@ class StationaryIteration(IterativeSolver):
     # -- reverse sweep (NumPy/CuPy) ---------------------------------------------------
     def record(self, ops: ArrayOps, A: Any, b: Any, M: Any, before: State,
                after: State) -> Any:
-        # The iterates only (and a reference to the prepared P): the transposed iteration
-        # needs no other forward quantity. ops.keep copies each iterate once (x' of this
-        # step is the next step's x).
-        return (ops.keep(before["x"]), ops.keep(after["x"]), before.get("P"))
+        # The iterates only (and, eagerly, a reference to the prepared P): the transposed
+        # iteration needs no other forward quantity. ops.keep copies each iterate once (x'
+        # of this step is the next step's x). A traced tape (JAX) would copy the constant P
+        # (Jacobi's diagonal: one more n-vector per step) into every row: not recorded.
+        return (ops.keep(before["x"]), ops.keep(after["x"]),
+                before.get("P") if ops.eager else None)
 
     def step_vjp(self, ops: ArrayOps, A: Any, b: Any, M: Any, record: Any,
                  state_bar: State, ctx: Any) -> State:
         x, x_new, P = record
+        if P is None:
+            P = self.prepare(ops, A, M)
         x_bar = cotangent(state_bar, "x", x)
         r_bar_new = cotangent(state_bar, "r", x)
         # r' = b - A x'
