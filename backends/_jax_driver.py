@@ -468,18 +468,19 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
     template = restore({})
     segments = (accepted + every - 1) // every
 
-    def segment(i: Any, carry: tuple) -> tuple:
+    def segment(i: Any, acc: tuple) -> tuple:
+        carry, local = acc
         s = segments - 1 - i
-        start = s * every
-        length = jnp.minimum(every, accepted - start)
+        length = jnp.minimum(every, accepted - s * every)
         first = restore({key: buf[s] for key, buf in loop.tape.items()})
-        local = {k: jnp.zeros((every, *jnp.shape(template[k])), jnp.result_type(template[k]))
-                 for k in loop.tape}
+        # Row j holds the state before the segment's step j: each step's result is stored
+        # after it (as run_loop does, see _push), the last one in the spare row.
+        local = {k: local[k].at[0].set(first[k]) for k in local}
 
         def forward(j: Any, acc: tuple) -> tuple:
             state, local = acc
-            local = {k: local[k].at[j].set(state[k]) for k in local}
-            return solver.step(ops, materialized(A, j), b, state, materialized(M, j)), local
+            state = solver.step(ops, materialized(A, j), b, state, materialized(M, j))
+            return state, {k: local[k].at[j + 1].set(state[k]) for k in local}
 
         _, local = lax.fori_loop(0, length, forward, (first, local))
 
@@ -487,6 +488,10 @@ def _checkpointed_sweep(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: An
             k = length - 1 - j
             return step_pullback(restore({key: buf[k] for key, buf in local.items()}), carry)
 
-        return lax.fori_loop(0, length, backward, carry)
+        return lax.fori_loop(0, length, backward, carry), local
 
-    return lax.fori_loop(0, segments, segment, carry)
+    # One segment buffer (and a spare row) for all segments, carried through the loop
+    # (buffers of zeros made per segment cost XLA a copy of each per segment).
+    local = {k: jnp.zeros((every + 1, *jnp.shape(template[k])), jnp.result_type(template[k]))
+             for k in loop.tape}
+    return lax.fori_loop(0, segments, segment, (carry, local))[0]

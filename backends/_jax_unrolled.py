@@ -280,14 +280,13 @@ def _checkpointed(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, loo
     template = loop.state
     segments = (accepted + every - 1) // every
 
-    def segment(i: Any, carry: tuple) -> tuple:
+    def segment(i: Any, acc: tuple) -> tuple:
+        carry, local = acc
         s = segments - 1 - i
         length = jnp.minimum(every, accepted - s * every)
         # Entries not on the tape are constants of the solve (the final state holds their
         # value) or not read by step.
         first = {k: loop.tape[k][s] if k in loop.tape else v for k, v in template.items()}
-        local = jax.tree_util.tree_map(lambda a: jnp.zeros((every, *a.shape), a.dtype),
-                                       tape.record_avals)
 
         def forward(j: Any, acc: tuple) -> tuple:
             state, local = acc
@@ -302,6 +301,12 @@ def _checkpointed(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, loo
             k = length - 1 - j
             return reverse_step(_row(local, k), k, carry)
 
-        return lax.fori_loop(0, length, backward, carry)
+        return lax.fori_loop(0, length, backward, carry), local
 
-    return lax.fori_loop(0, segments, segment, carry)
+    # One segment buffer for all segments, carried through the loop: rows past a short
+    # segment's length keep an earlier segment's records and are never read. (A buffer of
+    # zeros made per segment cost XLA a copy of each buffer per segment: the identical
+    # zero arrays were merged into one, which the buffers could not all update in place.)
+    local = jax.tree_util.tree_map(lambda a: jnp.zeros((every, *a.shape), a.dtype),
+                                   tape.record_avals)
+    return lax.fori_loop(0, segments, segment, (carry, local))[0]

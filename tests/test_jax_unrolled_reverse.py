@@ -273,6 +273,26 @@ def test_checkpointed_hand_reverse(every: int) -> None:
         assert_agree(g, r, tol)
 
 
+@pytest.mark.parametrize("name", ["cg", "jacobi"])
+def test_checkpointed_vjp_of_step(name: str, vjp_of_step) -> None:
+    """The ``jax.vjp``-of-step sweep recomputing segments from checkpoints (7 steps in
+    segments of 3: a short last one) gives the gradient of the hand reverse's full tape;
+    Jacobi's diagonal, a constant of the solve, is not on its tape."""
+    A_np = spd(N)
+    A, b = jnp.asarray(A_np), jnp.asarray(random_vector(N))
+
+    def loss(A, b, every):
+        return jnp.sum(pj.solve(A, b, name, maxiter=7, rtol=0.0, adjoint="unrolled",
+                                checkpoint_every=every, **({"omega": 0.5} if name ==
+                                                            "jacobi" else {})) ** 2)
+
+    want = jax.grad(loss, argnums=(0, 1))(A, b, 1)
+    got = vjp_of_step(lambda: jax.grad(loss, argnums=(0, 1))(A, b, 3))
+    tol = agree_tol(np.float64, np.linalg.cond(A_np), 7, power=2)
+    for g, r in zip(got, want, strict=True):
+        assert_agree(g, r, tol)
+
+
 def test_early_stop_traced_maxiter_and_vmap(vjp_of_step) -> None:
     """A solve that converges before its capacity, with a traced maxiter, under vmap."""
     A_np = spd(N, cond=5.0)
