@@ -121,20 +121,41 @@ class TapeArena:
         # modified in place, so identity means equal contents; the references held here
         # keep the identities valid.
         self._recent: list[tuple[Any, np.ndarray]] = []
+        # The ids of the blocks this arena has handed rows from (held by their rows, so the
+        # ids stay valid while a row is alive): a row of them is kept as it is.
+        self._blocks: set[int] = set()
 
     def keep(self, a: Any) -> Any:
-        """A copy of ``a`` in the next free row (``a`` itself if its shape/dtype differ)."""
+        """A copy of ``a`` in the next free row (``a`` itself if its shape/dtype differ, or if
+        it is a row of this arena already: :meth:`fresh`)."""
         if not isinstance(a, np.ndarray) or a.shape != self.shape or a.dtype != self.dtype:
+            return a
+        if id(a.base) in self._blocks and a.base is not None:
             return a
         for source, row in self._recent:
             if source is a:
                 return row
-        if self._block is None or self._next == len(self._block):
-            self._block, self._next = self._new_block(), 0
-        row = self._block[self._next]
-        self._next += 1
+        row = self._row()
         np.copyto(row, a)
         self._recent = [(a, row), *self._recent[: _RECENT - 1]]
+        return row
+
+    def fresh(self, a: Any) -> Any:
+        """A copy of ``a`` in the next free row, for a forward step to update in place into
+        a vector its record keeps (then :meth:`keep` returns that row as it is, no second
+        copy); ``a.copy()`` if its shape/dtype differ."""
+        if not isinstance(a, np.ndarray) or a.shape != self.shape or a.dtype != self.dtype:
+            return a.copy()
+        row = self._row()
+        np.copyto(row, a)
+        return row
+
+    def _row(self) -> np.ndarray:
+        if self._block is None or self._next == len(self._block):
+            self._block, self._next = self._new_block(), 0
+            self._blocks.add(id(self._block))
+        row = self._block[self._next]
+        self._next += 1
         return row
 
     def adopt(self, a: Any) -> Any:
@@ -165,7 +186,8 @@ class TapeArena:
 
 class TapingOps(NumpyOps):
     """:class:`~prdp_ops._array_ops.NumpyOps` whose :meth:`keep` copies into a
-    :class:`TapeArena`; the driver passes it to ``solver.record`` only."""
+    :class:`TapeArena`, and whose :meth:`fresh_copy` copies into it as well; the driver
+    passes it to ``solver.step`` and ``solver.record`` while it records a tape."""
 
     def __init__(self, arena: TapeArena) -> None:
         super().__init__()
@@ -173,3 +195,6 @@ class TapingOps(NumpyOps):
 
     def keep(self, a: Any) -> Any:
         return self.arena.keep(a)
+
+    def fresh_copy(self, a: Any) -> Any:
+        return self.arena.fresh(a)

@@ -113,7 +113,9 @@ def run_solver(
     iterations = 0
     status = monitor.start(ops.to_float(norms[0]), lambda: solver.iterate(ops, A, b, state, M))
     while status is Status.MAX_ITERATIONS and iterations < maxiter:
-        new_state = checked_step(solver, ops, A, b, state, M, iterations + 1)
+        # While taping, the step gets the taping ops too: its fresh_copy vectors are made in
+        # tape memory, which record then keeps without a second copy.
+        new_state = checked_step(solver, record_ops, A, b, state, M, iterations + 1)
         iterations += 1
         rnorm = solver.residual_norm(ops, new_state)
         norms.append(rnorm)

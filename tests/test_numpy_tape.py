@@ -202,6 +202,26 @@ def test_keep_is_the_identity_outside_the_numpy_tape():
     assert ArrayOps(np).keep(a) is a and NumpyOps().keep(a) is a
 
 
+def test_fresh_copies_are_made_in_tape_memory_and_kept_without_a_second_copy():
+    # A step's fresh_copy while taping is a row of the arena; keeping it returns that row
+    # (no copy), and a vector the step did not build there is still copied once.
+    from prdp_ops.backends._numpy_tape import TapeArena, TapingOps
+
+    ops = TapingOps(TapeArena((50,), np.float64))
+    a = random_vector(50)
+    row = ops.fresh_copy(a)
+    assert row is not a and row.base is not None
+    np.testing.assert_array_equal(row, a)
+    ops.axpy_(row, 2.0, a)  # the step updates it in place
+    assert ops.keep(row) is row
+    kept = ops.keep(a)
+    assert kept is not a and kept.base is not None and ops.keep(a) is kept
+    assert NumpyOps().fresh_copy(a) is not a and ArrayOps(np).fresh_copy(a) is not a
+    # Another shape: an ordinary copy.
+    other = np.ones(3)
+    assert ops.fresh_copy(other).base is None
+
+
 def test_sor_on_a_sparse_matrix_factors_its_triangle_once(monkeypatch):
     """SOR's sweeps and reverse steps solve with one factorisation per solve, never with
     ``spsolve_triangular`` (which rebuilds the matrix on every call), and the result equals

@@ -73,6 +73,10 @@ def _safe_sqrt(ops: ArrayOps, square: Any) -> Any:
     A NaN ``square`` gives NaN (not 0), so a NaN in ``A`` or ``b`` is reported, not hidden.
     """
     xp = ops.xp
+    if ops.eager and getattr(square, "ndim", 0) == 0 and ops.name == "numpy":
+        # A NumPy scalar: a plain branch (no derivative to guard), same values, several
+        # times cheaper than the masked expression (six per step).
+        return xp.sqrt(square) if square > 0 else square * 0
     positive = square > 0
     # ``square * 0`` rather than ``0``: a NaN must stay NaN so the driver sees it.
     return xp.where(positive, xp.sqrt(xp.where(positive, square, 1)), square * 0)
@@ -338,9 +342,13 @@ class GMRES(IterativeSolver):
             V_bar = xp.zeros_like(V)
         column_bar = (H_bar[: j + 2, j] if H_bar is not None
                       else xp.zeros(j + 2, dtype=V.dtype))
-        self._arnoldi_vjp(ops, M, record, column_bar, V_bar, ctx)
+        work = state_bar.get("work")
+        if work is None:
+            work = xp.empty((4, *V.shape[1:]), dtype=V.dtype)
+        self._arnoldi_vjp(ops, M, record, column_bar, V_bar, work, ctx)
         if j > 0:
-            return {"x_cycle": x_cycle_bar, "V": V_bar, "H": H_bar, "beta": beta_bar}
+            return {"x_cycle": x_cycle_bar, "V": V_bar, "H": H_bar, "beta": beta_bar,
+                    "work": work}
         # The cycle's start: v_0 = r / beta, beta = ||r||, r = b - A x_c.
         v0, beta = V[0], record["beta"]
         beta_bar = 0.0 if beta_bar is None else beta_bar
@@ -351,7 +359,8 @@ class GMRES(IterativeSolver):
         if record["finished"] is None:  # the first cycle: x_c = x0 (init_vjp)
             return {"x_cycle": x_cycle_bar}
         # x_c is the finished cycle's end point; its basis cotangent reuses this buffer.
-        return self._end_point_vjp(ops, M, record["finished"], x_cycle_bar, ctx, V_bar)
+        return self._end_point_vjp(ops, M, record["finished"], x_cycle_bar, ctx,
+                                   (V_bar, work))
 
     def init_vjp(self, ops: ArrayOps, A: Any, b: Any, x0: Any, M: Any, state_bar: State,
                  ctx: Any) -> Any:
@@ -366,7 +375,8 @@ class GMRES(IterativeSolver):
     def _end_point_vjp(self, ops: ArrayOps, M: Any, state: State, x_bar: Any, ctx: Any,
                        buffer: Any) -> State:
         """Reverse of a cycle's end point ``x_c + M V_J y_J``: the cotangents of ``x_c``,
-        ``V``, ``H`` and ``beta`` (``V``'s written into ``buffer`` when given)."""
+        ``V``, ``H`` and ``beta``. ``buffer``, when given, is ``(V_bar, work)`` of the cycle
+        after this one, reused (``V``'s cotangent is written into it)."""
         xp = ops.xp
         V, H, beta = state["V"], state["H"], state["beta"]
         J = int(ops.to_float(state["j"]))
@@ -378,7 +388,10 @@ class GMRES(IterativeSolver):
         # x_end = x_c + M u,  u = V_J^T y
         u_bar = precondition_T(M, ctx, x_bar)
         # V_bar is the sweep's own accumulator (NumPy/CuPy only), updated in place.
-        V_bar = xp.empty_like(V) if buffer is None else buffer
+        # The sweep's own accumulators, reused from cycle to cycle: V_bar and a 4 x n work
+        # array for the vectors of each step's low-rank update (no fresh memory per step).
+        V_bar, work = ((xp.empty_like(V), xp.empty((4, *V.shape[1:]), dtype=V.dtype))
+                       if buffer is None else buffer)
         xp.multiply(y[:, None], u_bar[None, :], out=V_bar[:J])
         V_bar[J:] = 0
         y_bar = V[:J] @ u_bar
@@ -390,14 +403,16 @@ class GMRES(IterativeSolver):
         c[0] = beta
         c_bar = xp.conj(H_J @ eta)
         H_bar = -c_bar[:, None] * y[None, :] + xp.conj(c - H_J @ y)[:, None] * eta[None, :]
-        return {"x_cycle": x_bar, "V": V_bar, "H": H_bar, "beta": xp.real(c_bar[0])}
+        return {"x_cycle": x_bar, "V": V_bar, "H": H_bar, "beta": xp.real(c_bar[0]),
+                "work": work}
 
     def _arnoldi_vjp(self, ops: ArrayOps, M: Any, record: Any, column_bar: Any, V_bar: Any,
-                     ctx: Any) -> None:
+                     work: Any, ctx: Any) -> None:
         """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar`` (in place).
 
         ``column_bar`` is the cotangent of ``H[:j+2, j]``; ``V_bar[j+1]`` must already hold
-        the full cotangent of the basis vector this step created.
+        the full cotangent of the basis vector this step created. ``work`` (4 x n) is
+        scratch memory.
         """
         xp = ops.xp
         conj = ops.conj
@@ -417,7 +432,8 @@ class GMRES(IterativeSolver):
             w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h1_bar), 1, w2_bar)
             # V's share: -h1 w2_bar^T + conj(h1_bar w^T), one (j+1) x 2 by 2 x n product.
             coefficients = xp.stack([-h1, conj(h1_bar)], axis=1)
-            vectors = xp.stack([w2_bar, conj(w)])
+            vectors = work[:2]
+            vectors[0], vectors[1] = w2_bar, conj(w)
         else:
             # Two passes: w2 = w1 - V^T h2, h2 = conj(V) w1; w1 = w - V^T h1, h1 = conj(V) w.
             w1 = record["w1"]
@@ -428,7 +444,8 @@ class GMRES(IterativeSolver):
             # V's share of all four products, -h2 w2_bar^T + conj(h2_bar w1^T) - h1 w1_bar^T
             # + conj(h1_bar w^T), as one (j+1) x 4 by 4 x n matrix product.
             coefficients = xp.stack([-h2, conj(h2_bar), -h1, conj(h1_bar)], axis=1)
-            vectors = xp.stack([w2_bar, conj(w1), w1_bar, conj(w)])
+            vectors = work
+            vectors[0], vectors[1], vectors[2], vectors[3] = w2_bar, conj(w1), w1_bar, conj(w)
         ops.matmul_add_(V_bar[: j + 1], coefficients, vectors)
         # w = A z,  z = M v_j
         z = precondition(M, V[j])
