@@ -329,12 +329,16 @@ def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict
     return {k: buf.at[slot].set(state[k]) for k, buf in buffers.items()}
 
 
-def _consumed(fn: Callable[[State], Any], state: State) -> set[str]:
-    """The entries of ``state`` that ``fn`` reads, found from its jaxpr."""
+def consumed_keys(fn: Callable[[State], Any], state: State) -> set[str]:
+    """The entries of ``state`` that ``fn``'s outputs depend on, found from its jaxpr:
+    equations whose results no output uses (and that have no effects) read nothing."""
     keys = sorted(state)
     closed = jax.make_jaxpr(lambda *leaves: fn(dict(zip(keys, leaves, strict=True))))
     jaxpr = closed(*[state[k] for k in keys]).jaxpr
-    used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+    used = {id(v) for v in jaxpr.outvars}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(id(v) in used for v in eqn.outvars):
+            used.update(id(v) for v in eqn.invars)
     return {k for k, var in zip(keys, jaxpr.invars, strict=True) if id(var) in used}
 
 
@@ -345,7 +349,7 @@ def keys_read_by_step(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
 
     Entries a step merely passes through unchanged count as read, conservatively.
     """
-    return tuple(sorted(_consumed(lambda s: solver.step(ops, A, b, s, M), state)))
+    return tuple(sorted(consumed_keys(lambda s: solver.step(ops, A, b, s, M), state)))
 
 
 def keys_passed_through(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
@@ -368,7 +372,7 @@ def keys_read_by_iterate(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: A
     """The entries ``iterate`` reads: those a failed step must not overwrite. The loop ends
     after a failed step, so nothing else of its state is used again (CG: only ``x``, not
     ``r`` and ``p``, which saves two vector selects per iteration)."""
-    return tuple(sorted(_consumed(lambda s: solver.iterate(ops, A, b, s, M), state)))
+    return tuple(sorted(consumed_keys(lambda s: solver.iterate(ops, A, b, s, M), state)))
 
 
 # -- the unrolled reverse sweep -----------------------------------------------------------------

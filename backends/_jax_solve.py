@@ -424,6 +424,11 @@ def _tape_layout(problem: Problem, A: Any, M: Any, b: Any, x0: Any) -> driver.Ta
                  if k not in constant)
     capacity = max(problem.tape_capacity, 1)
     avals = unrolled.record_avals(problem.solver, OPS, A, M, b, x0)
+    if avals is not None:
+        # Checkpoints of the hand reverse keep what recomputing the records needs (not
+        # CG's x).
+        keys = tuple(k for k in unrolled.keys_for_records(problem.solver, OPS, A, M, b, state)
+                     if k not in constant)
     tape_state = sum(_nbytes(state[k]) for k in keys)
     if avals is not None:
         tape_state = max(tape_state, sum(_nbytes(a) for a in jax.tree_util.tree_leaves(avals)))

@@ -30,13 +30,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
-from prdp_ops.backends._jax_driver import LoopOutput, Tape, materialized
+from prdp_ops.backends._jax_driver import LoopOutput, Tape, consumed_keys, materialized
 from prdp_ops.backends._jax_operators import like_parameter, own_param_vjp, transpose
 from prdp_ops.backends._jax_ops import TracedHostReadError
 
 from prdp_ops._solver.base import IterativeSolver, State
 
-__all__ = ["TRACEABLE_REVERSE_ATTR", "ReverseContext", "hand_pullback", "record_avals"]
+__all__ = ["TRACEABLE_REVERSE_ATTR", "ReverseContext", "hand_pullback", "keys_for_records",
+           "record_avals"]
 
 #: What a solver's reverse step raises when it cannot run on traced arrays: it reads a
 #: traced value on the host (GMRES's ``record`` reads the step counter as a Python int
@@ -210,6 +211,28 @@ def record_avals(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: 
             f"{TRACEABLE_REVERSE_ATTR} = False on {type(solver).__name__} to have JAX derive "
             "the reverse from step instead"
         ) from err
+
+
+def keys_for_records(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any,
+                     state: State) -> tuple[str, ...]:
+    """The state entries that steps run again from a checkpoint need to reproduce their
+    records: those the record of a step depends on, and those the needed entries of the
+    next state depend on (a fixed point, found from the jaxprs of ``step`` and ``record``).
+
+    A checkpoint of the hand reverse keeps only these: CG's records do not depend on the
+    iterate ``x`` (the reverse of ``x' = x + alpha p`` needs ``p`` only), so neither its
+    checkpoints nor the recomputed segments carry ``x`` (XLA drops the unused update).
+    """
+    needed: set[str] = set()
+    while True:
+        def run(s: State, keep: frozenset = frozenset(needed)) -> Any:
+            new = solver.step(ops, A, b, s, M)
+            return solver.record(ops, A, b, M, s, new), {k: new[k] for k in keep}
+
+        found = consumed_keys(run, state) | needed
+        if found == needed:
+            return tuple(sorted(needed))
+        needed = found
 
 
 def _normalize(bar: State, template: State) -> State:
