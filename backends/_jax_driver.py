@@ -197,11 +197,14 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         buffers = jax.tree_util.tree_map(lambda a: jnp.zeros((tape.slots, *a.shape), a.dtype),
                                          tape.record_avals)
     elif tape is not None:
-        # One spare row (see _push); the state before step 0 goes in row 0 now, each
-        # step's result after the step.
+        # One spare row (see _push). A full tape of states (every == 1) takes the state
+        # before step 0 in row 0 now and each step's result after the step; a checkpointed
+        # one takes a state only where a run of steps starts (see segment below).
         buffers = {k: jnp.zeros((tape.slots + 1, *jnp.shape(state[k])),
-                                jnp.result_type(state[k])).at[0].set(state[k])
-                   for k in tape.keys}
+                                jnp.result_type(state[k])) for k in tape.keys}
+        if tape.every == 1:
+            buffers = {k: buf.at[0].set(state[k]) for k, buf in buffers.items()}
+    checkpoints = tape is not None and not records and tape.every > 1
     if tape is not None:
         limit = jnp.minimum(maxiter, tape.capacity)
     else:
@@ -235,7 +238,7 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         failed = failure != MAX_ITERATIONS
         # Keep the last good state on failure: a NaN iterate would poison a training loop.
         state = _keep_if(failed, c.state, new_state, live)
-        if buffers is not None and not records:
+        if buffers is not None and not records and not checkpoints:
             # The state before step ``accepted + 1`` (a failed step's row is never read).
             buffers = _push(buffers, state, c.accepted + 1, tape)
         iterations = c.iterations + 1
@@ -279,7 +282,19 @@ def run_loop(solver: IterativeSolver, ops: Any, A: Any, M: Any, b: Any, x0: Any,
         c = c._replace(status=jnp.where(c.status == CLAIMED, status, c.status),
                        last_true=last_true, threshold=threshold,
                        true_norm=jnp.where(c.status == CLAIMED, true, c.true_norm))
-        return lax.while_loop(stepping, step, c)
+        if not checkpoints:
+            return lax.while_loop(stepping, step, c)
+        # A checkpointed tape: the state a run of steps starts from is stored once, here
+        # (its slot, or the spare row between checkpoints), and the run stops at the next
+        # checkpoint. Storing every step's state somewhere (a conditional write becomes a
+        # select of the whole buffer under vmap) wrote each kept entry once per step.
+        start = c.accepted
+        c = c._replace(buffers=_push(c.buffers, c.state, start, tape))
+
+        def within(c: _Carry) -> Any:
+            return stepping(c) & ((c.accepted == start) | (c.accepted % tape.every != 0))
+
+        return lax.while_loop(within, step, c)
 
     c = lax.while_loop(running, segment, carry)
     c = _finish(c, stop_on_convergence, tol, true_residual)
@@ -310,16 +325,17 @@ def _finish(c: _Carry, stop_on_convergence: Any, tol: Any,
 
 
 def _push(buffers: dict[str, Any], state: State, index: Any, tape: Tape) -> dict[str, Any]:
-    """Store ``state`` (the one before step ``index``) if it starts a checkpoint segment.
+    """Store ``state`` (the one before step ``index``): in row ``index`` of a full tape, in
+    its checkpoint's slot if it starts one, else in the spare row at the end.
 
-    The forward loop stores each step's result after the step, not the state it starts
-    from before it: a row written from the state the step reads would have to be written
-    before the step overwrites that state's buffers in place, an order XLA does not see,
-    so it copied each stored entry (two more passes per entry and step, measured for CG).
-    The tape has one spare row at its end that takes the states between checkpoints (and
-    the state after the last step): writing every state somewhere costs one row write per
-    entry, where keeping the row unchanged with a select would read and write it (twice the
-    traffic), and a conditional write becomes such a select under ``vmap``.
+    A full tape of states stores each step's result after the step, not the state it
+    starts from before it: a row written from the state the step reads would have to be
+    written before the step overwrites that state's buffers in place, an order XLA does not
+    see, so it copied each stored entry (two more passes per entry and step, measured for
+    CG). A checkpointed tape stores the state where a run of steps starts (:func:`run_loop`
+    runs the steps between checkpoints as one inner loop), before that loop: a run that
+    starts between checkpoints (after a convergence claim was refuted) writes the spare row,
+    which is cheaper than a conditional write (a select of the whole buffer under ``vmap``).
     """
     spare = tape.slots
     if tape.every == 1:

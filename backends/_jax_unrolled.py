@@ -2,7 +2,8 @@
 ``prdp_ops.backends.jax``).
 
 A built-in solver writes its reverse step once, over ``ops``: ``record`` says what of one
-forward step the reverse needs (CG: ``r``, ``p``, ``rho`` before the step and ``q = A p``),
+forward step the reverse needs (CG: its direction ``p``, ``q = A p``, ``r'`` and the scalars
+``rho``, ``rho'``, ``<p, q>``),
 ``step_vjp`` maps the cotangent of the state after a step to the one before it, and
 ``init_vjp``/``iterate_vjp`` close the chain. The NumPy backend runs them in a Python loop
 (:func:`prdp_ops.backends.numpy.unrolled_vjp`); here the forward ``lax.while_loop`` writes

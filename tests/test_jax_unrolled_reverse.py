@@ -293,6 +293,29 @@ def test_checkpointed_vjp_of_step(name: str, vjp_of_step) -> None:
         assert_agree(g, r, tol)
 
 
+@pytest.mark.parametrize("hand", [True, False], ids=["hand reverse", "vjp of step"])
+def test_checkpointed_solve_with_tolerance(hand: bool, vjp_of_step) -> None:
+    """A checkpointed tape of a solve that stops at a tolerance (runs of steps end at
+    checkpoints and at convergence claims; a refuted claim resumes between checkpoints)
+    gives the gradient of the full tape."""
+    A_np = spd(N, cond=50.0)
+    A, b = jnp.asarray(A_np), jnp.asarray(random_vector(N))
+
+    def grad(every):
+        def loss(A, b):
+            return jnp.sum(pj.solve(A, b, maxiter=40, rtol=1e-9, adjoint="unrolled",
+                                    checkpoint_every=every) ** 2)
+        run = (lambda f: f()) if hand else vjp_of_step
+        return run(lambda: jax.grad(loss, argnums=(0, 1))(A, b))
+
+    _, result = pj.solve(A, b, maxiter=40, rtol=1e-9, return_result=True)
+    assert 3 < int(result.iterations) < 40
+    want, got = grad(1), grad(3)
+    tol = agree_tol(np.float64, np.linalg.cond(A_np), int(result.iterations), power=2)
+    for g, r in zip(got, want, strict=True):
+        assert_agree(g, r, tol)
+
+
 def test_early_stop_traced_maxiter_and_vmap(vjp_of_step) -> None:
     """A solve that converges before its capacity, with a traced maxiter, under vmap."""
     A_np = spd(N, cond=5.0)
