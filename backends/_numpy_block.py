@@ -33,9 +33,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from prdp_ops.backends._numpy_tape import TapeArena
 from prdp_ops.backends.numpy import ReverseContext, run_solver
 
-from prdp_ops._array_ops import ArrayOps
+from prdp_ops._array_ops import ArrayOps, NumpyOps
 from prdp_ops._operators.base import LinearOperator, add_cotangents
 from prdp_ops._solution import (
     STAGNATION_DECREASE,
@@ -57,10 +58,18 @@ __all__ = ["BlockRun", "ColumnBlockOperator", "ColumnMonitor", "ColumnOps",
 class ColumnOps(ArrayOps):
     """:class:`ArrayOps` for blocks of column vectors: reductions run down each column."""
 
-    def __init__(self, base: ArrayOps) -> None:
+    def __init__(self, base: ArrayOps, arena: TapeArena | None = None) -> None:
         super().__init__(base.xp)
         self.base = base
         self.name = base.name
+        self.arena = arena
+
+    def keep(self, a: Any) -> Any:
+        # While a NumPy block solve records its tape: a copy into tape memory reused from one
+        # solve to the next (as a single solve's, backends/_numpy_tape.py). An (n, k) block
+        # is megabytes, which the allocator otherwise maps fresh, and page-faults in, on
+        # every call.
+        return a if self.arena is None else self.arena.keep(a)
 
     def vdot(self, a: Any, b: Any) -> Any:
         # ops.conj leaves real data alone (xp.conj would copy it).
@@ -259,6 +268,8 @@ def run_block(solver: IterativeSolver, ops: ArrayOps, A: LinearOperator, B: Any,
     iteration; ``tol`` holds each column's absolute tolerance, ``active=False`` runs
     exactly ``maxiter`` iterations (no tolerance). Arguments otherwise as
     :func:`run_solver`."""
+    record_ops = ColumnOps(ops, TapeArena(B.shape, B.dtype)
+                           if keep_tape and type(ops) is NumpyOps else None)
     ops = ColumnOps(ops)
     k = B.shape[1]
     A_block = ColumnBlockOperator(A)
@@ -290,7 +301,8 @@ def run_block(solver: IterativeSolver, ops: ArrayOps, A: LinearOperator, B: Any,
             keep = running & monitor.running() if checking else running
             keep_dev = None if keep.all() else ops.xp.asarray(keep)
             if tape is not None:
-                tape.append((solver.record(ops, A_block, B, M_block, state, new), keep_dev))
+                tape.append((solver.record(record_ops, A_block, B, M_block, state, new),
+                             keep_dev))
             state = new if keep_dev is None else _select(ops, keep_dev, new, state)
             iterations[keep] = step
             last_rnorm[keep] = rnorm[keep]

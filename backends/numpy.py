@@ -297,8 +297,12 @@ class ReverseContext:
         self._pairs: dict[str, list[tuple[Any, Any]]] = {}
         # The pairs live until A's cotangent is asked for (an n-vector or two per product):
         # in reused tape memory on NumPy, as the forward tape (no page faults).
+        # (NumPy, a block solve's ColumnOps over NumPy included; not CuPy, whose memory pool
+        # reuses device memory anyway.)
         self._arena = (TapeArena(b.shape, b.dtype)
-                       if self._track and type(ops) is NumpyOps else None)
+                       if self._track and (type(ops) is NumpyOps
+                                           or getattr(ops, "base", None).__class__ is NumpyOps)
+                       else None)
         self.b_bar = ops.xp.zeros_like(b)
 
     def matvec_T(self, v: Any, y_bar: Any) -> Any:

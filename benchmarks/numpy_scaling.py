@@ -13,6 +13,7 @@ time, so small grids read a little above the floor.
 
     python benchmarks/numpy_scaling.py            # the sweep (a few minutes)
     python benchmarks/numpy_scaling.py --quick    # 64^2 and 16^3 only
+    python benchmarks/numpy_scaling.py --clock cpu --solvers gmres --grids 2D512,3D64
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from numpy_vs_scipy import (
     fmt,
     poisson_2d,
     poisson_3d,
+    set_clock,
 )
 
 #: Tape budget per unrolled solve that sets K at the large sizes (bytes).
@@ -55,14 +57,22 @@ def main() -> None:
     parser.add_argument("--solvers", default=",".join(SOLVERS))
     parser.add_argument("--blas-threads", default="1", help="OpenBLAS threads (default 1)")
     parser.add_argument("-k", type=int, default=200, help="iterations at the small sizes")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (steadier under load)")
+    parser.add_argument("--grids", default=None,
+                        help="grids to run, e.g. 2D256,2D512,3D64 (default: the whole sweep)")
     args = parser.parse_args()
+    set_clock(args.clock)
     if args.quick:
         grids, repeats, k_max = [("2D", 64), ("3D", 16)], 3, 40
     else:
         grids = [("2D", 64), ("2D", 128), ("2D", 256), ("2D", 512), ("2D", 1024), ("3D", 64)]
         repeats, k_max = args.repeats, args.k
-    print(f"Poisson, CSR, tolerances 0, medians of {repeats} interleaved runs, OpenBLAS "
-          f"threads {os.environ.get('OPENBLAS_NUM_THREADS')}")
+    if args.grids:
+        grids = [(g[:2], int(g[2:])) for g in args.grids.split(",")]
+    print(f"Poisson, CSR, tolerances 0, medians of {repeats} interleaved runs ({args.clock} "
+          f"clock), OpenBLAS threads {os.environ.get('OPENBLAS_NUM_THREADS')}, load average "
+          f"{os.getloadavg()[0]:.2f}")
     print("| solver | grid | K | ours fwd (ms) | ours / SciPy fwd (<= 1.10) "
           "| implicit / fwd (<= 2.2) | unrolled / fwd (<= 3.0) | floor "
           "| memory per iteration (n-vectors) | its floor |")
