@@ -35,7 +35,7 @@ RULES: tuple[str, ...] = ("fidelity", "plateau")
 #: is read with; they do not affect rule="plateau").
 DEFAULT_FIDELITY_TOL = 0.1
 DEFAULT_GROWTH = 2.0
-DEFAULT_FIDELITY_POWER = 0.0
+DEFAULT_FIDELITY_POWER = 0.5
 # Iteration counts are kept in int64 columns of the history; with counts and steps below
 # 2**31, k stays below 2**63 for more than 4 billion refinements.
 MAX_COUNT = 2**31 - 1

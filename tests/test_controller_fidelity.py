@@ -33,7 +33,7 @@ from prdp_ops._controller_rule import growth_steps, next_count
 def test_default_rule_is_fidelity_with_one_setting():
     hyper = po.PRDPController().hyperparameters()
     assert (hyper["rule"], hyper["fidelity_tol"], hyper["growth"], hyper["fidelity_power"]) == (
-        "fidelity", 0.1, 2.0, 0.0)
+        "fidelity", 0.1, 2.0, 0.5)
 
 
 def test_refines_above_tolerance_geometrically_on_the_grid():

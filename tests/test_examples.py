@@ -236,20 +236,22 @@ def test_poisson_inverse_2d_unrolled_from_a_zero_source(tmp_path, capsys):
 
 
 @slow
-@pytest.mark.parametrize(("rule", "saved_pct"), [("fidelity", 60), ("plateau", 50)])
+@pytest.mark.parametrize(("rule", "saved_pct"), [("fidelity", 40), ("plateau", 50)])
 def test_heat_emulator_1d_learns_and_saves_iterations(rule, saved_pct, tmp_path, capsys):
     result = run("heat_emulator", ["--dim", "1", "--rule", rule], tmp_path, capsys)
     # Validation metric: two-step nMSE of the network alone; predicting zero scores 1, the
     # untrained network about 5.
     assert result["baseline"]["val_error"] < 1.0
     assert result["prdp"]["val_error"] < 1.0
-    # Measured (examples/RESULTS.md, these seeds): 73.1% saved at a val ratio of 0.73 with
-    # the default rule (it holds K = 8 with 7 fidelity measurements), 81.6% at 0.84 with the
-    # paper's; the bounds leave a margin of 13 and 30 points (one more doubling, to K = 16,
-    # would save about 50%), and the accuracy bound is the 1.05.
+    # Measured (examples/RESULTS.md, these seeds): 52.6% saved at a val ratio of 0.99 with
+    # the default rule (the start search picks K = 8, one refinement to 16), 81.6% at 0.84
+    # with the paper's; the bounds leave a margin of 12 and 30 points (a run held at K = 16
+    # from the start would save about 45%), and the accuracy bound is the 1.05.
     assert result["iterations_saved_pct"] > saved_pct
     assert result["val_error_ratio"] <= 1.05
-    assert result["prdp"]["k_final"] <= (8 if rule == "fidelity" else 29)
+    assert result["prdp"]["k_final"] <= (16 if rule == "fidelity" else 29)
+    if rule == "fidelity":
+        assert result["prdp"]["k_start"] == 8  # raw fidelity at the initial weights: 0.023
 
 
 @slow
