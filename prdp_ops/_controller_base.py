@@ -109,13 +109,14 @@ class ControllerReadout:
 
     @property
     def wants_fidelity(self) -> bool:
-        """Whether the rule asks for a fidelity measurement at the next check.
+        """Whether the rule asks for a fidelity measurement (at the next check, or for
+        :meth:`start` while :attr:`starting`).
 
-        ``True`` at the first check at new counts and while the extrapolated fidelity is
-        within a factor 2 of the tolerance (where a measurement can change the decision);
-        ``False`` otherwise, at both caps and under ``rule="plateau"``. A measurement costs
-        solver work (two gradients), so a training loop measures only when asked; giving one
-        when not asked is allowed and used.
+        ``True`` during the start search, at the first check at new counts and while the
+        extrapolated fidelity is within a factor 2 of the tolerance (where a measurement can
+        change the decision); ``False`` otherwise, at both caps and under
+        ``rule="plateau"``. A measurement costs solver work (two gradients), so a training
+        loop measures only when asked; giving one when not asked is allowed and used.
         """
         return wants_fidelity(self._hp, self._state)
 
