@@ -29,7 +29,7 @@ from helpers import (
 from prdp_ops.backends.numpy import run_solver, unrolled_vjp
 
 import prdp_ops as po
-from prdp_ops._array_ops import NumpyOps
+from prdp_ops._array_ops import ArrayOps, NumpyOps
 
 CASES = [c for c in SOLVER_CASES if c.name in ("bicgstab", "gmres")]
 cases = pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -572,6 +572,13 @@ def test_gmres_fixed_shape_path_matches_numpy_path():
     class FixedShapeOps(NumpyOps):
         name = "fixed_shape"
 
+    class FunctionalOps(ArrayOps):
+        # What CuPy inherits: ArrayOps' functional axpy_/matmul_add_/set_at_ defaults.
+        name = "functional"
+
+        def __init__(self):
+            super().__init__(np)
+
     A = po.aslinearoperator(_nonsymmetric(4, np.complex128))
     n = A.shape[0]
     b, x_bar = random_vector(n, dtype=np.complex128), random_vector(n, seed=9,
@@ -579,11 +586,12 @@ def test_gmres_fixed_shape_path_matches_numpy_path():
     M = po.aslinearoperator(_preconditioner(A.to_matrix()))
     solver = po.GMRES(restart=4)
     results = []
-    for ops in (NumpyOps(), FixedShapeOps()):
+    for ops in (NumpyOps(), FixedShapeOps(), FunctionalOps()):
         run = run_solver(solver, ops, A, b, np.zeros(n, complex), M, maxiter=10, tol=0.0,
                          stop_on_convergence=False, keep_tape=True)
         b_bar, params_bar, _ = unrolled_vjp(solver, ops, A, b, np.zeros(n, complex), M, run,
                                             x_bar)
         results.append((run.result.x, b_bar, *params_bar().values()))
-    for mine, ref in zip(results[1], results[0], strict=True):
-        np.testing.assert_allclose(mine, ref, rtol=1e-12, atol=1e-14)
+    for other in results[1:]:
+        for mine, ref in zip(other, results[0], strict=True):
+            np.testing.assert_allclose(mine, ref, rtol=1e-12, atol=1e-14)

@@ -446,7 +446,10 @@ class GMRES(IterativeSolver):
             coefficients = xp.stack([-h2, conj(h2_bar), -h1, conj(h1_bar)], axis=1)
             vectors = work
             vectors[0], vectors[1], vectors[2], vectors[3] = w2_bar, conj(w1), w1_bar, conj(w)
-        ops.matmul_add_(V_bar[: j + 1], coefficients, vectors)
+        rows = V_bar[: j + 1]
+        updated = ops.matmul_add_(rows, coefficients, vectors)
+        if updated is not rows:  # a functional matmul_add_ (CuPy inherits the default)
+            rows[...] = updated
         # w = A z,  z = M v_j
         z = precondition(M, V[j])
         z_bar = ctx.matvec_T(z, w_bar)
