@@ -497,9 +497,10 @@ def _percent_saved(baseline: float, prdp: float) -> float | None:
 
 def summary(example: str, baseline: RunResult | None, prdp: RunResult) -> dict[str, Any]:
     """The result dict printed as the example's final JSON line."""
+    # The line's keys are fixed (scripts read it); the start count and the signal's share are
+    # on the progress lines and in the RunResult.
     prdp_part = {"val_error": prdp.val_error, "solver_iterations": prdp.solver_iterations,
-                 "wall_s": round(prdp.wall_s, 4), "k_final": prdp.k_final,
-                 "k_start": prdp.k_start, "signal_iterations": prdp.signal_iterations}
+                 "wall_s": round(prdp.wall_s, 4), "k_final": prdp.k_final}
     if baseline is None:
         return {"example": example, "baseline": None, "prdp": prdp_part,
                 "iterations_saved_pct": None, "time_saved_pct": None, "val_error_ratio": None}

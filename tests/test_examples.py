@@ -250,8 +250,6 @@ def test_heat_emulator_1d_learns_and_saves_iterations(rule, saved_pct, tmp_path,
     assert result["iterations_saved_pct"] > saved_pct
     assert result["val_error_ratio"] <= 1.05
     assert result["prdp"]["k_final"] <= (16 if rule == "fidelity" else 29)
-    if rule == "fidelity":
-        assert result["prdp"]["k_start"] == 8  # raw fidelity at the initial weights: 0.023
 
 
 @slow
