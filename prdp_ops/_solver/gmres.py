@@ -59,10 +59,10 @@ REORTHOGONALISE_BELOW = 1 / math.sqrt(2)
 
 
 class ArnoldiStep(NamedTuple):
-    """What one Arnoldi step computed and the reverse sweep needs (eager backends only, in the
-    state under ``"arnoldi"``): ``w = A M v_j``, the first pass's coefficients ``h1`` and, when
-    the second pass ran, the vector ``w1`` it started from and its coefficients ``h2`` (else
-    ``None``: ``w1`` is then ``h_{j+1,j} v_{j+1}``, kept in the basis)."""
+    """What one Arnoldi step computed (eager backends only, in the state under
+    ``"arnoldi"``): ``w = A M v_j``, which the reverse sweep keeps, the first pass's
+    coefficients ``h1`` and, when the second pass ran, the vector ``w1`` it started from and
+    its coefficients ``h2`` (else ``None``), which say whether it ran."""
 
     w: Any
     h1: Any
@@ -201,10 +201,9 @@ class GMRES(IterativeSolver):
     (``scipy.sparse.linalg.gmres`` preconditions on the left and tests ``M (b - A x)``;
     without ``M`` the two give the same iterates cycle for cycle.)
     The unrolled reverse sweep (NumPy/CuPy) works step by step: the forward tape keeps, per
-    step, ``w = A M v_j`` (and, after a second Gram-Schmidt pass, the vector between the
-    passes) and one basis per cycle (``O(iterations * n)`` memory), so a reverse step takes
-    one product with ``A^T`` and recomputes nothing of the forward step (with ``M``: one
-    product with ``M`` to rebuild ``M v_j``).
+    step, ``w = A M v_j``, and one basis per cycle (``O(iterations * n)`` memory), so a
+    reverse step takes one product with ``A^T`` and recomputes nothing of the forward step
+    (with ``M``: one product with ``M`` to rebuild ``M v_j``).
     """
 
     supports_preconditioner = True
@@ -286,8 +285,8 @@ class GMRES(IterativeSolver):
                "j": j + 1, "rnorm": beta * _safe_sqrt(ops, xp.real(xp.conj(q) * q)),
                "breakdown": breakdown}
         if ops.eager:
-            # The reverse sweep's record (w, and w1 after a second pass): keeping them saves
-            # the reverse a product with A and both projections per step.
+            # For the reverse sweep's record (it keeps w: no product with A and no
+            # projection recomputed) and for diagnostics (whether the second pass ran).
             new["arnoldi"] = ArnoldiStep(w, h1, None if h2 is None else w1, h2)
         return new
 
@@ -301,10 +300,18 @@ class GMRES(IterativeSolver):
         return state["x_cycle"] + precondition(M, state["V"][:-1].T @ y)
 
     # -- reverse sweep (NumPy/CuPy), step by step -----------------------------------------
-    # The forward keeps, per step, w = A M v_j (and w1 when the second Gram-Schmidt pass ran)
-    # and references to its cycle's basis, so a reverse step recomputes no forward quantity:
-    # it needs one A^T product and four reads of the rows in use (two products with the
-    # basis, one read and write of its cotangent), against the forward's two.
+    # The forward keeps, per step, w = A M v_j and references to its cycle's basis, so a
+    # reverse step recomputes no forward quantity: it needs one A^T product and four reads of
+    # the rows in use (two products with the basis, one read and write of its cotangent),
+    # against the forward's two (one pass) or four (two passes).
+    # Each Arnoldi step is reversed as the projection it is in exact arithmetic,
+    # w2 = w - V^T h with h = conj(V) w, whether one or two Gram-Schmidt passes computed it:
+    # on orthonormal V the second pass is the identity (h2 = conj(V) w1 = 0), so both maps
+    # agree for every w, and their derivatives in V agree along every perturbation that keeps
+    # V orthonormal -- the only ones the earlier steps produce (V is orthonormal as a function
+    # of A and b). The gradient is therefore the same to rounding (tests: against JAX's
+    # derivative of the traced two-pass steps, and finite differences), and the reverse
+    # neither keeps w1 nor pays for the second pass's two products with the basis.
     # The cotangent passed between the steps of a cycle is that of the cycle's basis "V"
     # (rows <= j + 1 meaningful), of its Hessenberg matrix "H" ((J + 1) x J, from the cycle's
     # least-squares solve), of "beta" and of the cycle's start "x_cycle". The end point of a
@@ -328,9 +335,6 @@ class GMRES(IterativeSolver):
             "beta": after["beta"],
             "x_cycle": after["x_cycle"],
             "w": ops.keep(step.w),
-            "h1": step.h1[: j + 1],
-            "w1": None if step.w1 is None else ops.keep(step.w1),
-            "h2": None if step.h2 is None else step.h2[: j + 1],
             # A step that began with a restart keeps the finished cycle's state (references):
             # its end point is the new cycle's x_c.
             "finished": before if int(ops.to_float(before["j"])) == m else None,
@@ -349,7 +353,7 @@ class GMRES(IterativeSolver):
                       else xp.zeros(j + 2, dtype=V.dtype))
         work = state_bar.get("work")
         if work is None:
-            work = xp.empty((4, *V.shape[1:]), dtype=V.dtype)
+            work = xp.empty((2, *V.shape[1:]), dtype=V.dtype)
         self._arnoldi_vjp(ops, M, record, column_bar, V_bar, work, ctx)
         if j > 0:
             return {"x_cycle": x_cycle_bar, "V": V_bar, "H": H_bar, "beta": beta_bar,
@@ -393,9 +397,9 @@ class GMRES(IterativeSolver):
         # x_end = x_c + M u,  u = V_J^T y
         u_bar = precondition_T(M, ctx, x_bar)
         # V_bar is the sweep's own accumulator (NumPy/CuPy only), updated in place.
-        # The sweep's own accumulators, reused from cycle to cycle: V_bar and a 4 x n work
-        # array for the vectors of each step's low-rank update (no fresh memory per step).
-        V_bar, work = ((xp.empty_like(V), xp.empty((4, *V.shape[1:]), dtype=V.dtype))
+        # The sweep's own accumulators, reused from cycle to cycle: V_bar and a 2 x n work
+        # array for the vectors of each step's rank-2 update (no fresh memory per step).
+        V_bar, work = ((xp.empty_like(V), xp.empty((2, *V.shape[1:]), dtype=V.dtype))
                        if buffer is None else buffer)
         xp.multiply(y[:, None], u_bar[None, :], out=V_bar[:J])
         V_bar[J:] = 0
@@ -416,12 +420,13 @@ class GMRES(IterativeSolver):
         """Reverse of Arnoldi step ``j``: add its inputs' share to ``V_bar`` (in place).
 
         ``column_bar`` is the cotangent of ``H[:j+2, j]``; ``V_bar[j+1]`` must already hold
-        the full cotangent of the basis vector this step created. ``work`` (4 x n) is
+        the full cotangent of the basis vector this step created. ``work`` (2 x n) is
         scratch memory.
         """
         xp = ops.xp
         conj = ops.conj
-        j, V, w, h1, h2 = record["j"], record["V"], record["w"], record["h1"], record["h2"]
+        j, V, w = record["j"], record["V"], record["w"]
+        h = record["column"][: j + 1]  # h1 (+ h2): the projection's coefficients
         V_active = V[: j + 1]
         h_next = xp.real(record["column"][j + 1])
         v_new = V[j + 1]
@@ -430,27 +435,13 @@ class GMRES(IterativeSolver):
         h_next_bar = xp.real(column_bar[j + 1]) - xp.real(ops.dot(v_new_bar, v_new)) * \
             ops.safe_divide(1.0, h_next)
         w2_bar = ops.axpy_(ops.safe_divide(v_new_bar, h_next), h_next_bar, conj(v_new))
-        h_bar = column_bar[: j + 1]
-        if h2 is None:
-            # One pass: w2 = w - V^T h1,  h1 = conj(V) w  (the Hessenberg column is h1).
-            h1_bar = h_bar - V_active @ w2_bar
-            w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h1_bar), 1, w2_bar)
-            # V's share: -h1 w2_bar^T + conj(h1_bar w^T), one (j+1) x 2 by 2 x n product.
-            coefficients = xp.stack([-h1, conj(h1_bar)], axis=1)
-            vectors = work[:2]
-            vectors[0], vectors[1] = w2_bar, conj(w)
-        else:
-            # Two passes: w2 = w1 - V^T h2, h2 = conj(V) w1; w1 = w - V^T h1, h1 = conj(V) w.
-            w1 = record["w1"]
-            h2_bar = h_bar - V_active @ w2_bar
-            w1_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h2_bar), 1, w2_bar)
-            h1_bar = h_bar - V_active @ w1_bar
-            w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h1_bar), 1, w1_bar)
-            # V's share of all four products, -h2 w2_bar^T + conj(h2_bar w1^T) - h1 w1_bar^T
-            # + conj(h1_bar w^T), as one (j+1) x 4 by 4 x n matrix product.
-            coefficients = xp.stack([-h2, conj(h2_bar), -h1, conj(h1_bar)], axis=1)
-            vectors = work
-            vectors[0], vectors[1], vectors[2], vectors[3] = w2_bar, conj(w1), w1_bar, conj(w)
+        # w2 = w - V^T h,  h = conj(V) w  (the Hessenberg column's first j + 1 entries)
+        h_total_bar = column_bar[: j + 1] - V_active @ w2_bar
+        w_bar = ops.axpy_(_adjoint_product(ops, V_active.T, h_total_bar), 1, w2_bar)
+        # V's share: -h w2_bar^T + conj(h_bar w^T), one (j+1) x 2 by 2 x n product.
+        coefficients = xp.stack([-h, conj(h_total_bar)], axis=1)
+        vectors = work
+        vectors[0], vectors[1] = w2_bar, conj(w)
         rows = V_bar[: j + 1]
         updated = ops.matmul_add_(rows, coefficients, vectors)
         if updated is not rows:  # a functional matmul_add_ (CuPy inherits the default)
