@@ -47,12 +47,13 @@ whose first touch costs far more than the traffic (measured in the same process 
 20-40 GB/s for warm memory: one n-vector per step faulted costs about one forward step). The
 platform floor the table reports is therefore the smaller of
 
-    full tape:     3.0 + T(full tape + other temporaries) / t_forward
-    checkpointed:  4.0 + T(XLA temp of the gradient) / t_forward
+    full tape:     3.0 + T(3 K n-vectors) / t_forward
+    checkpointed:  4.0 + T(min over s of (2 ceil(K / s) + 3 s) n-vectors) / t_forward
 
 with T(bytes) = bytes x the measured first-touch seconds per byte when the block exceeds
-32 MiB, else 0. The JAX backend picks the checkpointed tape on CPU when the full one exceeds
-32 MiB, which is the smaller floor at every size of the sweep.
+32 MiB, else 0 (the least memory of each layout: the records of every step; r and p every s
+steps and one segment's records). The JAX backend picks the checkpointed tape on CPU when
+the full one exceeds 32 MiB, which is the smaller floor at every size of the sweep.
 
 Run ``python benchmarks/jax_vs_peers.py`` (the size sweep, several minutes), with
 ``--sizes`` (``NxK`` for an N x N grid, ``NxNxNxK`` for 3D) or ``--quick`` (seconds);
@@ -237,13 +238,17 @@ def first_touch_seconds_per_byte(megabytes: int = 64, repeats: int = 7) -> float
 
 def platform_floor(t: dict[str, float], n: int, K: int, touch: float) -> float:
     """The unrolled (forward + gradient) / forward the platform allows (docstring): the
-    traffic floor plus the first touch of the temporaries' block where it exceeds
-    :data:`FRESH_BYTES`, with the full tape or checkpointed, whichever is smaller."""
+    traffic floor plus the first touch of the least memory each layout needs, where that
+    block exceeds :data:`FRESH_BYTES`, with the full tape or checkpointed, whichever is
+    smaller. Full: the 3 records of every step. Checkpointed every s steps: r and p at
+    each checkpoint and the 3 records of a segment, (2 ceil(K / s) + 3 s) n-vectors at the
+    best s."""
     def fault(nbytes: float) -> float:
         return nbytes * touch / t["ours"] if nbytes > FRESH_BYTES else 0.0
 
-    full_tape = 3 * 8 * n * K + t["mem implicit"] * 2**20  # records + a solve's temporaries
-    checkpointed = t["mem unrolled"] * 2**20
+    vector = 8 * n
+    full_tape = 3 * K * vector
+    checkpointed = min(2 * -(-K // s) + 3 * s for s in range(1, K + 1)) * vector
     return min(FLOOR_FULL + fault(full_tape), FLOOR_CHECKPOINTED + fault(checkpointed))
 
 
