@@ -128,12 +128,15 @@ def solve(
         ``"unrolled"``: the exact derivative of the iterations that ran. Reverse mode runs
         the solver's own reverse step (``record``/``step_vjp``/``init_vjp``, as on NumPy)
         where it runs traced (CG, BiCGSTAB, steepest descent, Richardson, Jacobi), else
-        ``jax.vjp`` of one ``step`` at a time (GMRES, user solvers without ``step_vjp``);
-        neither is autodiff of the loop. Forward mode (``jax.jvp``, ``jax.jacfwd``) is
+        ``jax.vjp`` of one ``step`` at a time (GMRES, whose record reads a value on the
+        host; user solvers without ``step_vjp`` or whose class sets
+        ``jax_traceable_reverse = False``); neither is autodiff of the loop. A reverse step
+        that fails on traced arrays for any other reason raises a ``RuntimeError`` naming
+        the solver. Forward mode (``jax.jvp``, ``jax.jacfwd``) is
         ``jax.jvp`` of the same iterations, and never runs in reverse mode. First
         derivatives only: a second derivative raises ``NotImplementedError`` (use
         ``"implicit"`` for ``jax.hessian``).
-        Memory: one record per iteration (CG: ``r``, ``p`` and ``q = A p``, ``3 n``
+        Memory: one record per iteration (CG: ``r'``, ``p`` and ``q = A p``, ``3 n``
         numbers; the state entries ``step`` reads for the ``jax.vjp`` fallback), for a
         static capacity of ``maxiter`` iterations (``max_steps`` when ``maxiter`` is traced),
         allocated whether or not the solve stops early; with ``checkpoint_every=c``,
