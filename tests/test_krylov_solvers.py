@@ -302,6 +302,40 @@ def test_gmres_conditional_reorthogonalisation_keeps_the_basis_orthonormal(case)
     assert np.linalg.norm(x - reference) <= 1e3 * eps * np.linalg.cond(A @ V[:steps].T) * scale
 
 
+@pytest.mark.parametrize("case", ["ill_conditioned", "random"])
+def test_gmres_unrolled_gradient_with_conditional_passes_matches_finite_differences(case):
+    # Steps that made one Gram-Schmidt pass (random A) and steps that made two (an
+    # ill-conditioned A) are reversed alike, as the projection they compute: the unrolled
+    # cotangents of b and A against central differences of the K-step map, over two cycles.
+    rng = np.random.default_rng(1)
+    n = 30
+    if case == "ill_conditioned":
+        U, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        W, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = U @ np.diag(np.logspace(0, -4, n)) @ W.T
+    else:
+        A = rng.standard_normal((n, n)) / np.sqrt(n)
+    _, _, second = _arnoldi_run(A, 12)
+    assert (sum(second) >= 6) if case == "ill_conditioned" else (sum(second) < 12)
+    b, x_bar = random_vector(n, seed=3), random_vector(n, seed=4)
+    options = {"restart": 12, "rtol": 0, "atol": 0, "maxiter": 24}
+    _, vjp = po.solve_vjp(A, b, "gmres", adjoint="unrolled", **options)
+    cot = vjp(x_bar)
+
+    def run(b, A):
+        return po.solve(A, b, "gmres", **options).x
+
+    for seed in (5, 6):
+        db = random_vector(n, seed=seed)
+        dA = np.random.default_rng(seed).standard_normal((n, n))
+        for fd, derivative in (
+                (_pair(x_bar, run(b + H * db, A) - run(b - H * db, A)) / (2 * H),
+                 _pair(cot.b, db)),
+                (_pair(x_bar, run(b, A + H * dA) - run(b, A - H * dA)) / (2 * H),
+                 _pair(cot.A, dA))):
+            assert abs(derivative - fd) <= 1e-6 * max(abs(fd), 1e-3), (fd, derivative)
+
+
 def test_gmres_cycle_is_capped_at_n_and_exact_after_n_steps():
     A = _nonsymmetric(4, np.float64)
     n = A.shape[0]
