@@ -61,12 +61,11 @@ REORTHOGONALISE_BELOW = 1 / math.sqrt(2)
 class ArnoldiStep(NamedTuple):
     """What one Arnoldi step computed (eager backends only, in the state under
     ``"arnoldi"``): ``w = A M v_j``, which the reverse sweep keeps, the first pass's
-    coefficients ``h1`` and, when the second pass ran, the vector ``w1`` it started from and
-    its coefficients ``h2`` (else ``None``), which say whether it ran."""
+    coefficients ``h1`` and, when the second pass ran, its coefficients ``h2`` (else
+    ``None``: whether it ran)."""
 
     w: Any
     h1: Any
-    w1: Any
     h2: Any
 
 
@@ -149,21 +148,21 @@ def _rows_in_use(ops: ArrayOps, V: Any, j: Any) -> Any:
     return V
 
 
-def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any, Any]:
+def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any]:
     """Project ``w`` off the rows of ``V``: twice (CGS2), or on NumPy once when that is
     enough (the DGKS test, :data:`REORTHOGONALISE_BELOW`).
 
-    Returns ``(h1, h2, w1, w2, h_next)``: the coefficient vectors of each pass (``h2`` is
-    ``None`` when the second pass did not run), the vector after each pass (``w2`` is ``w1``
-    then) and ``||w2||``, the unnormalised new basis vector's norm (``h1 + h2`` is the
-    Hessenberg column).
+    Returns ``(h1, h2, w2, h_next)``: the coefficient vectors of each pass (``h2`` is
+    ``None`` when the second pass did not run), the vector after the last pass and
+    ``||w2||``, the unnormalised new basis vector's norm (``h1 + h2`` is the Hessenberg
+    column).
     """
     h1 = _adjoint_product(ops, V, w)
     if ops.name != "numpy":
         w1 = w - V.T @ h1
         h2 = _adjoint_product(ops, V, w1)
         w2 = w1 - V.T @ h2
-        return h1, h2, w1, w2, _safe_norm(ops, w2)
+        return h1, h2, w2, _safe_norm(ops, w2)
     # NumPy: w1 = w - V^T h1 by one in-place gemv on a copy of w (w itself is kept for the
     # reverse sweep): no n-vector temporaries, whose fresh pages cost as much as the pass
     # when the allocator hands them back to the kernel between steps.
@@ -172,10 +171,10 @@ def _orthogonalise(ops: ArrayOps, V: Any, w: Any) -> tuple[Any, Any, Any, Any, A
     # (j + 1) x n basis twice. ||w1|| is the new h_{j+1,j} when the pass is skipped.
     w1_norm = _safe_norm(ops, w1)
     if float(w1_norm) >= REORTHOGONALISE_BELOW * float(_safe_norm(ops, w)):
-        return h1, None, w1, w1, w1_norm
+        return h1, None, w1, w1_norm
     h2 = _adjoint_product(ops, V, w1)
-    w2 = ops.matmul_add_(w1.copy(), V.T, -h2)
-    return h1, h2, w1, w2, _safe_norm(ops, w2)
+    w2 = ops.matmul_add_(w1, V.T, -h2)  # w1 is this function's own: updated in place
+    return h1, h2, w2, _safe_norm(ops, w2)
 
 
 def _adjoint_product(ops: ArrayOps, V: Any, w: Any) -> Any:
@@ -244,7 +243,7 @@ class GMRES(IterativeSolver):
         # Arnoldi: w = A M v_j, orthogonalised against v_0 .. v_j.
         w = A.matvec(precondition(M, V[j]))
         rows = _rows_in_use(ops, V, j)
-        h1, h2, w1, w2, h_next = _orthogonalise(ops, rows, w)
+        h1, h2, w2, h_next = _orthogonalise(ops, rows, w)
         column = ops.set_at(xp.zeros(m + 1, dtype=V.dtype), slice(0, rows.shape[0]),
                             h1 if h2 is None else h1 + h2)
         # ||w|| from the column (V is orthonormal, so ||w||^2 = ||h||^2 + h_next^2): the
@@ -287,7 +286,7 @@ class GMRES(IterativeSolver):
         if ops.eager:
             # For the reverse sweep's record (it keeps w: no product with A and no
             # projection recomputed) and for diagnostics (whether the second pass ran).
-            new["arnoldi"] = ArnoldiStep(w, h1, None if h2 is None else w1, h2)
+            new["arnoldi"] = ArnoldiStep(w, h1, h2)
         return new
 
     def iterate(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> Any:
