@@ -103,8 +103,8 @@ a factor of a few of :math:`\varepsilon`. :math:`p = 1/2` is the smallest power 
 1/4, 0.35, 1/2, 1) that keeps every configuration of ``examples/RESULTS.md`` within 5% of the
 converged baseline; :math:`p = 0` saves about 20 points more on the emulators and ends the
 Gauss-Seidel inverse problem (17 e-folds, three levels) 17% behind. With the start search
-below, the default keeps the converged baseline's validation metric within 5% in nine of the
-ten configurations measured there (the paper's rule in three of nine) and saves 5-60% of the
+below, the default keeps the converged baseline's validation metric within 5% in ten of the
+eleven configurations measured there (the paper's rule in four) and saves 5-60% of the
 solver iterations, its own signal included (the paper's rule 14-91%); it misses on the
 full-size 2D Poisson inverse problem (18.8x), where the fidelity of Adam's update at
 ``k = 256`` reads 0.001 while a fixed ``k = 256`` ends 458x behind the converged count.
