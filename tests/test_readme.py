@@ -177,15 +177,18 @@ def test_every_python_block_runs_in_order(sketch_world):
     assert set(sketch_world.states_seen) == {(SketchWorld.n,)}
     assert namespace["decision"] in ("refine", "hold", "stop")
     assert isinstance(controller.k, int) and controller.k >= 1
+    # The default rule's start search ran before the first step, fed by the sketch, and ended.
+    assert not controller.starting and controller.k_start is not None
     params, params0 = namespace["params"], sketch_world.params0
     assert not np.allclose(params["w1"], params0["w1"]), "the loop did not update params"
-    # The sketch's train_step descends: a few more steps on one batch lower its loss.
+    # The sketch's train_step descends: a few more steps on one batch, at the count the
+    # controller chose (its start search picks it), lower its loss.
     u0, target = sketch_world.batches[0]
     opt_state = namespace["opt_state"]
     losses = []
     for _ in range(30):
         params, opt_state, value = namespace["train_step"](params, opt_state, u0, target,
-                                                           jnp.asarray(5))
+                                                           jnp.asarray(controller.k))
         losses.append(float(value))
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.9 * losses[0]
