@@ -311,6 +311,9 @@ def test_custom_solver_is_registered_and_exact(tmp_path, capsys):
     with pytest.raises(ValueError, match="grid_shape"):
         custom.RedBlackGaussSeidel(grid_shape=(0,))
 
+
+@slow  # the whole example, PRDP and the baseline (the default run trains poisson_inverse)
+def test_custom_solver_example_trains_with_fewer_iterations(tmp_path, capsys):
     result = run("custom_solver", [], tmp_path, capsys)
     assert result["prdp"]["val_error"] < 0.01
     assert result["prdp"]["solver_iterations"] < result["baseline"]["solver_iterations"]
