@@ -84,8 +84,7 @@ def test_forward_matches_numpy_driver(case: object) -> None:
     assert reference.converged
     host = result.to_solve_result()
     assert host.status is reference.status
-    assert host.iterations == reference.iterations
-    k = host.iterations
+    k = min(host.iterations, reference.iterations)
     # XLA's sums and NumPy's round differently: within the eps model they agree to
     # eps cond k; CG's residual at step N = 10 (where it would terminate in exact
     # arithmetic) is made by rounding and moves ~1e-10 ||b|| between orders. The JAX run's
@@ -102,11 +101,19 @@ def test_forward_matches_numpy_driver(case: object) -> None:
         _, spreads = permutation_spread(reordered, N)
     floors = [agree_tol(np.float64, cond=np.linalg.cond(A), iterations=k, power=p)
               for p in (1, 2)]  # x; residual norms (relative to ||b||)
-    for got, want, spread, floor in zip((x, host.residual_norms),
-                                        (reference.x, reference.residual_norms), spreads,
-                                        floors, strict=True):
-        np.testing.assert_allclose(got, want, rtol=0, atol=AGREE_SAFETY * spread
-                                   + floor * np.abs(want).max())
+    got_norms, want_norms = host.residual_norms[:k + 1], reference.residual_norms[:k + 1]
+    norms_tol = AGREE_SAFETY * spreads[1] + floors[1] * np.abs(want_norms).max()
+    np.testing.assert_allclose(got_norms, want_norms, rtol=0, atol=norms_tol)
+    if host.iterations == reference.iterations:
+        np.testing.assert_allclose(x, reference.x, rtol=0, atol=AGREE_SAFETY * spreads[0]
+                                   + floors[0] * np.abs(reference.x).max())
+    else:
+        # One run stopped a step later: only where the stopping test was decided by
+        # rounding, i.e. the residual at the earlier stop lies within the two runs'
+        # agreement band of the threshold (CG at step N, on some BLAS kernels).
+        assert abs(host.iterations - reference.iterations) == 1
+        threshold = 1e-10 * float(np.linalg.norm(np.asarray(b)))
+        assert abs(float(want_norms[k]) - threshold) <= norms_tol, (want_norms[k], threshold)
     # converged to rtol 1e-10: within cond * 1e-10 of the direct solve
     np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-7, atol=1e-8)
 
