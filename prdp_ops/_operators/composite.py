@@ -198,29 +198,25 @@ class TransposedOperator(LinearOperator):
     def _is_real(self) -> bool:
         return not np.issubdtype(self.dtype, np.complexfloating)
 
-    def _matvec(self, x: Any) -> Any:
+    def _through_conjugate(self, apply: Any, v: Any) -> Any:
+        # A^T v = conj(A^H conj(v)): the transpose from the adjoint (and back), which is the
+        # identity on real data.
         if self._is_real():
-            return self.A._rmatvec(x)
-        xp = ops_for(x).xp
-        return xp.conj(self.A._rmatvec(xp.conj(x)))
+            return apply(v)
+        xp = ops_for(v).xp
+        return xp.conj(apply(xp.conj(v)))
+
+    def _matvec(self, x: Any) -> Any:
+        return self._through_conjugate(self.A._rmatvec, x)
 
     def _rmatvec(self, y: Any) -> Any:
-        if self._is_real():
-            return self.A._matvec(y)
-        xp = ops_for(y).xp
-        return xp.conj(self.A._matvec(xp.conj(y)))
+        return self._through_conjugate(self.A._matvec, y)
 
     def _matmat(self, X: Any) -> Any:
-        if self._is_real():
-            return self.A._rmatmat(X)
-        xp = ops_for(X).xp
-        return xp.conj(self.A._rmatmat(xp.conj(X)))
+        return self._through_conjugate(self.A._rmatmat, X)
 
     def _rmatmat(self, Y: Any) -> Any:
-        if self._is_real():
-            return self.A._matmat(Y)
-        xp = ops_for(Y).xp
-        return xp.conj(self.A._matmat(xp.conj(Y)))
+        return self._through_conjugate(self.A._matmat, Y)
 
     @property
     def T(self) -> LinearOperator:
