@@ -356,7 +356,7 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
         return run_epoch_jit(state, *batches(epoch), jnp.asarray(k), jnp.asarray(k_adjoint))
 
     val_u0, val_u2 = jnp.asarray(data["val_u0"]), jnp.asarray(data["val_u2"])
-    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
+    signal, raw, start_views = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
         # The fidelity signal: the training loss's update (or gradient) on the validation states.
@@ -393,7 +393,8 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
                               validate=lambda state: float(validate_jit(state[0])),
                               iterations_per_epoch=iterations_per_epoch, epochs=epochs,
                               gradient=gradient, gradient_iterations=gradient_iterations,
-                              raw_gradient=raw_gradient)
+                              raw_gradient=raw_gradient,
+                              start_views=lambda state, g, ref: start_views(*state, g, ref))
 
     info = {"grid": grid, "r": r, "adjoint": adjoint, "epochs": epochs,
             "k_converged": k_converged, "size": size_key, "apply_net": apply_net,

@@ -363,7 +363,7 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
     # The fidelity signal: the training loss's gradient on the validation trajectories' first
     # windows, one batched step's solves (counted like a training step's).
     val_windows = val[:, : unroll + 1]
-    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
+    signal, raw, start_views = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> Any:
         return signal(*state, val_windows, jnp.asarray(k), jnp.asarray(k_adjoint))
@@ -377,7 +377,8 @@ def build(args: argparse.Namespace) -> tuple[_common.Trainer, dict[str, Any]]:
                               iterations_per_epoch=iterations_per_epoch, epochs=epochs,
                               gradient=gradient if args.setup != "prediction" else None,
                               gradient_iterations=iterations_per_step,
-                              raw_gradient=raw_gradient if args.setup != "prediction" else None)
+                              raw_gradient=raw_gradient if args.setup != "prediction" else None,
+                              start_views=lambda state, g, ref: start_views(*state, g, ref))
     info = {"n": n, "size": size_key, "k_advection": k_advection, "k_pressure": k_pressure,
             "k_max": k_max, "epochs": epochs, "adjoint": adjoint, "windows": windows.shape[0]}
     return trainer, info

@@ -186,7 +186,7 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     def iterations_per_epoch(k: int, k_adjoint: int) -> int:
         return k + (k_adjoint if args.adjoint == "implicit" else k)
 
-    signal, raw = _common.signal_functions(args, optimizer, loss_fn)
+    signal, raw, start_views = _common.signal_functions(args, optimizer, loss_fn)
 
     def gradient(state: tuple, k: int, k_adjoint: int) -> jax.Array:
         # The fidelity signal's gradient: the training loss's (one observation, no batches).
@@ -199,7 +199,8 @@ def make_trainer(problem: dict[str, Any], args: argparse.Namespace) -> _common.T
     return _common.Trainer(init_state=init_state, run_epoch=run_epoch,
                            validate=parameter_error, iterations_per_epoch=iterations_per_epoch,
                            epochs=steps, unit="step", gradient=gradient,
-                           gradient_iterations=iterations_per_epoch, raw_gradient=raw_gradient)
+                           gradient_iterations=iterations_per_epoch, raw_gradient=raw_gradient,
+                           start_views=lambda state, g, ref: start_views(*state, g, ref))
 
 
 def make_controller(problem: dict[str, Any], args: argparse.Namespace) -> po.PRDPController:

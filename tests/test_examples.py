@@ -6,6 +6,7 @@ Each example is imported from its file (examples/ is not a package) and its ``ma
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -178,6 +179,102 @@ def test_start_search_runs_on_raw_gradients_before_the_first_step():
     skipped = common.train(trainer, po.PRDPController(k_max=64), "prdp", progress=False,
                            start=False)
     assert skipped.k_start == skipped.records[0].k == 1 and skipped.start_fidelities == []
+
+
+def _adam_second_step(gradient, reference, lr, b1, b2, eps):
+    """Adam's update for ``gradient`` from the state one step on ``reference`` left (Kingma
+    and Ba's algorithm written out: moments, bias corrections, ``-lr m / (sqrt(v) + eps)``)."""
+    m = b1 * (1 - b1) * reference + (1 - b1) * gradient
+    v = b2 * (1 - b2) * reference**2 + (1 - b2) * gradient**2
+    return -lr * (m / (1 - b1**2)) / (np.sqrt(v / (1 - b2**2)) + eps)
+
+
+@pytest.mark.parametrize("start_signal", ["update", "gradient"])
+def test_start_views_are_the_optimisers_step_primed_with_the_reference(start_signal):
+    """``signal_functions``' start views: for plain gradient descent ``-lr g`` (so the fidelity
+    is the raw one), for Adam its second step from the state the reference's step left,
+    against the closed form; ``--start-signal gradient`` gives the raw gradients back."""
+    import argparse
+
+    import jax.numpy as jnp
+    import optax
+
+    import prdp_ops as po
+
+    common = load("_common")
+    args = argparse.Namespace(signal="update", start_signal=start_signal)
+    params = jnp.array([0.3, -1.0, 2.0])
+    gradient = jnp.array([1.0, -1e-3, 0.5])
+    reference = jnp.array([1.1, 2e-3, 0.5])
+    lr, b1, b2, eps = 0.5, 0.9, 0.999, 1e-8
+    steps = {"sgd": (optax.sgd(lr), lambda g: -lr * g),
+             "adam": (optax.adam(lr, b1=b1, b2=b2, eps=eps),
+                      lambda g: _adam_second_step(g, np.asarray(reference), lr, b1, b2, eps))}
+    for optimizer, step in steps.values():
+        views = common.signal_functions(args, optimizer, lambda p: jnp.sum(p**2))[2]
+        view, reference_view = views(params, optimizer.init(params), gradient, reference)
+        if start_signal == "gradient":
+            expected = (gradient, reference)
+        else:
+            expected = (step(np.asarray(gradient)), step(np.asarray(reference)))
+        # Adam's bias correction 1 - b2**2 = 0.002 is a difference of nearby numbers: its
+        # rounding, eps / 0.002 relative, dominates the few roundings of the rest.
+        rounding = 8 * float(np.finfo(view.dtype).eps) / (1 - b2**2)
+        np.testing.assert_allclose(view, expected[0], rtol=rounding, atol=0)
+        np.testing.assert_allclose(reference_view, expected[1], rtol=rounding, atol=0)
+    # Adam's view counts the small second coordinate, whose sign the coarse gradient got
+    # wrong, as much as the others: it reads above the default tolerance, the raw fidelity
+    # (0.07) below.
+    tol = po.PRDPController().hyperparameters()["fidelity_tol"]
+    raw = po.gradient_fidelity(gradient, reference)
+    primed = po.gradient_fidelity(*views(params, optimizer.init(params), gradient, reference))
+    assert raw < tol
+    assert (primed > tol) == (start_signal == "update")
+
+
+def test_start_search_compares_the_trainers_start_views():
+    """With ``start_views`` the harness passes the fidelity of the views, not of the raw
+    gradients, to ``PRDPController.start``. Two parameters whose gradients through K
+    iterations are -c_K and -s d_K (c_K = 1 - 0.5^K, d_K = 1 - 0.8^K, s = 1e-3): the raw
+    fidelity, dominated by the first, meets 0.1 at K = 4; per-coordinate views (each divided
+    by the reference's magnitude) see the second one's slower convergence: 0.102 at K = 8,
+    0.019 at 16."""
+    import prdp_ops as po
+
+    common = load("_common")
+
+    def c(k):
+        return 1 - 0.5**k
+
+    def d(k):
+        return 1 - 0.8**k
+
+    def raw_gradient(theta, k, k_adjoint):
+        return np.array([-c(k), -1e-3 * d(k)])
+
+    def per_coordinate(theta, g, ref):
+        return g / np.abs(ref), ref / np.abs(ref)
+
+    def expected_fidelity(k):
+        g, ref = raw_gradient(0.0, k, k), raw_gradient(0.0, 2 * k, 2 * k)
+        view, reference_view = g / np.abs(ref), np.sign(ref)
+        return np.linalg.norm(view - reference_view) / max(np.linalg.norm(view),
+                                                           np.linalg.norm(reference_view))
+
+    trainer = common.Trainer(
+        init_state=lambda: 0.0, run_epoch=lambda theta, epoch, k, k_adjoint: theta,
+        validate=lambda theta: 1.0, iterations_per_epoch=lambda k, ka: k + ka, epochs=1,
+        gradient=raw_gradient, gradient_iterations=lambda k, ka: k + ka,
+        raw_gradient=raw_gradient, start_views=per_coordinate)
+    result = common.train(trainer, po.PRDPController(k_max=64), "prdp", progress=False)
+    ks = [k for k, _ in result.start_fidelities]
+    np.testing.assert_allclose([f for _, f in result.start_fidelities],
+                               [expected_fidelity(k) for k in ks], rtol=1e-14)
+    first_met = next(k for k in (1, 2, 4, 8, 16, 32) if expected_fidelity(k) <= 0.1)
+    assert ks[-1] == result.k_start == first_met == 16
+    raw_only = common.train(dataclasses.replace(trainer, start_views=None),
+                            po.PRDPController(k_max=64), "prdp", progress=False)
+    assert raw_only.k_start == 4
 
 
 def test_summary_percentages_and_ratio():
