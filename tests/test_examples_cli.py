@@ -204,8 +204,10 @@ def test_custom_solver_counts_gradient_steps(in_tmp, monkeypatch, capsys):
 
 def record_figures(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Record the axes of every figure the example's plot helper makes."""
+    import _report  # examples/_report.py: plot_runs looks make_figure up there, not in _common
+
     recorded: list[dict] = []
-    make_figure = module._common.make_figure
+    make_figure = _report.make_figure
 
     def recording(*args: Any, **kwargs: Any) -> Any:
         fig = make_figure(*args, **kwargs)
@@ -213,7 +215,7 @@ def record_figures(module: ModuleType, monkeypatch: pytest.MonkeyPatch) -> list[
         recorded.append({"axes": fig.axes})
         return fig
 
-    monkeypatch.setattr(module._common, "make_figure", recording)
+    monkeypatch.setattr(_report, "make_figure", recording)
     return recorded
 
 
