@@ -210,8 +210,9 @@ def signal_functions(args: argparse.Namespace, optimizer: Any, loss_fn: Callable
     400-step run 19x behind, at ``K = 32`` 1.04x, though the raw gradients' fidelity at 16 is
     0.086). Primed with the reference, a coordinate counts as much as the optimiser's step
     makes it count: for plain gradient descent the views are ``-lr g`` (the raw fidelity), for
-    Adam each coordinate is scaled by the reference's magnitude. ``--start-signal gradient``:
-    the raw gradients.
+    Adam each coordinate is scaled by the reference's magnitude. The search takes the larger
+    of this fidelity and the raw one (:func:`search_start`). ``--start-signal gradient``: the
+    raw gradients only.
     """
     import jax
 
@@ -339,8 +340,9 @@ class Trainer:
         update instead). ``None``: no start search.
     start_views
         ``(state, gradient, reference) -> (view, reference_view)`` or ``None``: what the start
-        search's fidelity compares, given two raw gradients (``signal_functions``'s
-        ``start_views`` at the state's optimiser); ``None``: the raw gradients themselves.
+        search's fidelity compares besides the raw gradients, given two raw gradients
+        (``signal_functions``'s ``start_views`` at the state's optimiser); ``None``: the raw
+        gradients only.
     """
 
     init_state: Callable[[], Any]
@@ -425,8 +427,15 @@ def search_start(trainer: Trainer, controller: Any, state: Any,
                  caps: tuple[int | None, int | None], *, label: str = "prdp",
                  progress: bool = True) -> tuple[int, list[tuple[int, float]]]:
     """Run the controller's start search at the initial ``state``: while
-    ``controller.starting``, the raw gradient fidelity at ``(k, k_adjoint)`` against
-    ``(min(2k, k_max), min(2 k_adjoint, k_adjoint_max))`` goes to ``controller.start``.
+    ``controller.starting``, the gradient fidelity at ``(k, k_adjoint)`` against
+    ``(min(2k, k_max), min(2 k_adjoint, k_adjoint_max))`` goes to ``controller.start``: the
+    larger of the raw gradients' fidelity and that of the trainer's ``start_views`` (the
+    gradients as the optimiser will step on them). Each sees an error the other can miss: an
+    optimiser that normalises each coordinate (Adam) does not see a coarse gradient that is
+    a uniformly scaled-down copy of the reference (raw fidelity large, views' small), yet its
+    state keeps the first gradient's magnitude; the raw norm does not see coordinates that
+    are small but wrong, which such an optimiser steps on as much as the large ones (views'
+    fidelity large, raw small).
 
     Returns the solver iterations the search spent (each gradient computed once: the one at
     the refined counts is kept for the next measurement, whose coarse counts it often is) and
@@ -447,9 +456,10 @@ def search_start(trainer: Trainer, controller: Any, state: Any,
                 cache[at] = trainer.raw_gradient(state, *at)
                 cost += trainer.gradient_iterations(*at)
             gradients.append(cache[at])
-        if trainer.start_views is not None:
-            gradients = trainer.start_views(state, *gradients)
         fidelity = po.gradient_fidelity(*gradients)
+        if trainer.start_views is not None:
+            fidelity = max(fidelity, po.gradient_fidelity(*trainer.start_views(state,
+                                                                               *gradients)))
         cache = {reference: cache[reference]}
         measured.append((counts[0], fidelity))
         decision = controller.start(fidelity)

@@ -103,11 +103,9 @@ a factor of a few of :math:`\varepsilon`. :math:`p = 1/2` is the smallest power 
 1/4, 0.35, 1/2, 1) that keeps every configuration of ``examples/RESULTS.md`` within 5% of the
 converged baseline; :math:`p = 0` saves about 20 points more on the emulators and ends the
 Gauss-Seidel inverse problem (17 e-folds, three levels) 17% behind. With the start search
-below, the default keeps the converged baseline's validation metric within 5% in ten of the
-eleven configurations measured there (the paper's rule in four) and saves 5-60% of the
-solver iterations, its own signal included (the paper's rule 14-91%); it misses on the
-full-size 2D Poisson inverse problem (18.8x), where the fidelity of Adam's update at
-``k = 256`` reads 0.001 while a fixed ``k = 256`` ends 458x behind the converged count.
+below, the default keeps the converged baseline's validation metric within 5% in all eleven
+configurations measured there (0.90-1.04; the paper's rule in four) and saves 2-60% of the
+solver iterations, its own signal included (the paper's rule 14-91%).
 
 The fidelity given at a check is kept (and extrapolated) until the next refinement, after
 which it describes other counts and is dropped: until the next measurement the rule holds
@@ -125,10 +123,21 @@ The start search (before the first training step)
 An optimiser with memory pays for its first steps over the whole run: Adam's second-moment
 average (:math:`\beta_2 = 0.999`, a memory of about 1000 steps) keeps the scale of the
 gradients it saw first, so steps taken through too coarse physics cost accuracy that a
-refinement at the next check does not recover (measured in ``examples/RESULTS.md``). The
-rule therefore chooses the count *before* the first step, at the initial parameters
-:math:`\theta_0`, from the raw gradients (an optimiser's first update carries no magnitude:
-Adam's is :math:`\operatorname{sign}(g)` per coordinate, whose fidelity reads about 0):
+refinement at the next check does not recover (measured in ``examples/RESULTS.md``: on the
+127 x 127 Poisson inverse problem one first Adam step at ``k = 16`` ended the 400-step run 19x
+behind the converged one, at ``k = 32`` 1.04x). The rule therefore chooses the count *before*
+the first step, at the initial parameters :math:`\theta_0`, from the raw gradients and, for
+an optimiser that scales each coordinate (Adam, RMSProp, Adagrad), from the gradients *as it
+will step on them*: its updates for :math:`g_k` and :math:`g_{k'}` from a state that has seen
+the reference :math:`g_{k'}` once, so that every coordinate counts at the scale the optimiser
+will give it; :math:`\delta_k(\theta_0)` is the larger of the two fidelities. (The
+optimiser's own first update carries no magnitude -- Adam's is
+:math:`\operatorname{sign}(g)` per coordinate, whose fidelity reads about 0 -- and the raw
+gradients' norm is dominated by the largest coordinates, while the state the first step leaves
+keeps the magnitude of every coordinate's first gradient: at ``k = 16`` above, the raw
+fidelity read 0.086, Adam's primed update 0.96. Conversely the primed update does not see a
+coarse gradient that is a uniformly scaled-down copy of the reference, which the raw fidelity
+does.) Then
 
 .. math::
 
@@ -358,19 +367,21 @@ class PRDPController(ControllerReadout):
     def start(self, fidelity: Any) -> Decision:
         r"""One measurement of the start search, before the first training step.
 
-        While :attr:`starting` is ``True``, measure the raw gradient fidelity at the
-        *initial* parameters, :math:`\delta_k = \lVert g_k - g_{k'} \rVert / \max(\lVert
-        g_k \rVert, \lVert g_{k'} \rVert)` with :math:`k' = \min(2k, k_\text{max})`
+        While :attr:`starting` is ``True``, measure the gradient fidelity at the *initial*
+        parameters, :math:`\delta_k = \lVert g_k - g_{k'} \rVert / \max(\lVert g_k
+        \rVert, \lVert g_{k'} \rVert)` with :math:`k' = \min(2k, k_\text{max})`
         (:func:`prdp_ops.gradient_fidelity` of the raw loss gradients through :attr:`k` and
-        :math:`k'` iterations; not an optimiser's update, which at the first step carries no
-        magnitude), and pass it here. Above ``fidelity_tol`` the counts grow by ``growth``
+        :math:`k'` iterations; for Adam and other per-coordinate optimisers, the larger of that
+        and the fidelity of its updates for :math:`g_k` and :math:`g_{k'}` from the state one
+        step on :math:`g_{k'}` leaves -- not its first update, which carries no magnitude),
+        and pass it here. Above ``fidelity_tol`` the counts grow by ``growth``
         (on their grids, capped) and the search goes on; at or below it, or at the caps, it
         ends and :attr:`k` is the count training starts with. See the module documentation.
 
         Parameters
         ----------
         fidelity : float or 0-d array
-            The raw gradient fidelity at the current counts, finite and non-negative.
+            The start fidelity at the current counts, finite and non-negative.
 
         Returns
         -------
@@ -390,10 +401,12 @@ class PRDPController(ControllerReadout):
         Examples
         --------
         >>> controller = po.PRDPController(k_max=64)               # doctest: +SKIP
-        >>> while controller.starting:
+        >>> while controller.starting:                              # doctest: +SKIP
         ...     k, k_ref = controller.k, min(2 * controller.k, 64)
-        ...     controller.start(po.gradient_fidelity(raw_grad(params, k),
-        ...                                           raw_grad(params, k_ref)))
+        ...     g, g_ref = grad(params, k), grad(params, k_ref)
+        ...     _, seen = adam.update(g_ref, adam.init(params), params)  # primed state
+        ...     controller.start(max(po.gradient_fidelity(g, g_ref), po.gradient_fidelity(
+        ...         adam.update(g, seen, params)[0], adam.update(g_ref, seen, params)[0])))
         """
         if not self._state.searching:
             why = ("rule 'plateau' has no start search" if self._hp.rule == "plateau"
