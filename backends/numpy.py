@@ -9,7 +9,8 @@ reverse sweep keeps for A's deferred cotangent, are copied into blocks reused fr
 unrolled solve to the next (:mod:`prdp_ops.backends._numpy_tape`), so repeated solves of one
 shape do not page-fault fresh memory in on every call. A block is reused only once nothing
 refers to any part of it. :func:`clear_tape_cache` frees the cached blocks,
-:func:`set_tape_cache_limit` bounds them (default 2 GiB, :func:`tape_cache_limit`), and
+:func:`set_tape_cache_limit` bounds them (default a quarter of physical memory,
+:func:`tape_cache_limit`), and
 :func:`cached_tape_bytes` reports them.
 """
 
