@@ -103,7 +103,7 @@ a factor of a few of :math:`\varepsilon`. :math:`p = 1/2` is the smallest power 
 1/4, 0.35, 1/2, 1) that keeps every configuration of ``examples/RESULTS.md`` within 5% of the
 converged baseline; :math:`p = 0` saves about 20 points more on the emulators and ends the
 Gauss-Seidel inverse problem (17 e-folds, three levels) 17% behind. With the start search
-below, the default keeps the converged baseline's validation metric within 5% in all eleven
+below, the default keeps the converged baseline's validation metric within 5% in all twelve
 configurations measured there (0.90-1.04; the paper's rule in four) and saves 2-60% of the
 solver iterations, its own signal included (the paper's rule 14-91%).
 

@@ -56,12 +56,26 @@ class CG(IterativeSolver):
     def step(self, ops: ArrayOps, A: Any, b: Any, state: State, M: Any) -> State:
         xp = ops.xp
         x, r, rho = state["x"], state["r"], state["rho"]
-        p = (r if M is None else state["z"]) + state["beta"] * state["p"]
+        z = r if M is None else state["z"]
+        if ops.eager:
+            # Each new vector in a private copy updated in place (ops.axpy_: one BLAS axpy on
+            # NumPy), as SciPy's cg updates its own: one new array per vector instead of a
+            # product and a sum (measured 15% of a 512^2 forward in fresh temporaries). p
+            # and r' are ops.fresh_copy: made in tape memory while the NumPy driver records,
+            # so keeping them costs no second copy. x is copied first: the state before the
+            # step (and the caller's x0) is never written.
+            p = ops.axpy_(ops.fresh_copy(z), state["beta"], state["p"])
+        else:
+            p = z + state["beta"] * state["p"]
         q = A.matvec(p)
         pq = ops.vdot(p, q)
         alpha = ops.safe_divide(rho, pq)
-        x = x + alpha * p
-        r = r - alpha * q
+        if ops.eager:
+            x = ops.axpy_(x.copy(), alpha, p)
+            r = ops.axpy_(ops.fresh_copy(r), -alpha, q)
+        else:
+            x = x + alpha * p
+            r = r - alpha * q
         z = precondition(M, r)
         rho_new = ops.vdot(r, z)
         beta = ops.safe_divide(rho_new, rho)
