@@ -273,7 +273,7 @@ class _Bridge:
         size = 2 if self.history_size is None else self.history_size + 1
         return (jax.ShapeDtypeStruct((self.n,), self.dtype),
                 jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32),
-                jax.ShapeDtypeStruct((size,), real))
+                jax.ShapeDtypeStruct((size,), real), jax.ShapeDtypeStruct((), real))
 
     def function(self) -> Callable:
         """The bridged solve as a ``custom_vjp`` function."""
@@ -334,20 +334,22 @@ def empty_solve(b_in: Any, dtype: Any, history_size: int | None, return_result: 
     return x, pj.JaxSolveResult(x, jnp.asarray(True), jnp.asarray(0, jnp.int32), history,
                                 jnp.asarray(driver.STATUSES.index(po.Status.CONVERGED),
                                             jnp.int32),
-                                solver.name or type(solver).__name__)
+                                solver.name or type(solver).__name__, jnp.zeros((), real))
 
 
 def _encode(result: po.SolveResult, history_size: int | None, real: Any) -> tuple:
-    """Iterations, status code and residual history (in the solve's real dtype ``real``,
-    as the callback's result shapes declare it) as fixed-shape host arrays."""
+    """Iterations, status code, residual history and true residual norm (NaN when the
+    driver computed none; in the solve's real dtype ``real``, as the callback's result shapes
+    declare them) as fixed-shape host arrays."""
     norms = np.asarray(result.residual_norms, dtype=np.float64)
     if history_size is None:
         history = np.array([norms[0], norms[-1]])
     else:
         history = np.full(history_size + 1, np.nan)
         history[: norms.size] = norms[: history_size + 1]
+    true = np.nan if result.true_residual_norm is None else result.true_residual_norm
     return (np.int32(result.iterations), np.int32(driver.STATUSES.index(result.status)),
-            history.astype(real))
+            history.astype(real), np.asarray(true, dtype=real))
 
 
 def _numpy_transport(fn: Callable, result_shapes: Any, *args: Any, vmap_method: str) -> Any:
@@ -429,12 +431,12 @@ def bridge_solve(A: Any, b: Any, solver: IterativeSolver, *, backend: str, x0: A
         # on_failure="raise" the caller gets the SolverError itself, as from a native eager
         # solve (through a callback it would be an opaque JaxRuntimeError).
         out = bridge.forward_host(*jax.tree_util.tree_map(np.asarray, args))
-        x, iterations, status, history = (jnp.asarray(o, s.dtype) for o, s in
-                                          zip(out, bridge.result_shapes(), strict=True))
+        x, iterations, status, history, true_norm = (
+            jnp.asarray(o, s.dtype) for o, s in zip(out, bridge.result_shapes(), strict=True))
     else:
-        x, iterations, status, history = bridge.function()(*args)
+        x, iterations, status, history, true_norm = bridge.function()(*args)
     x = x.reshape(jnp.shape(b_in))
     if not return_result:
         return x
     return x, pj.JaxSolveResult(x, status == driver.CONVERGED, iterations, history, status,
-                                solver.name or type(solver).__name__)
+                                solver.name or type(solver).__name__, true_norm)

@@ -123,7 +123,8 @@ def bcoo_diagonal(matrix: Any) -> Any:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["x", "converged", "iterations", "residual_norms", "status"],
+                   data_fields=["x", "converged", "iterations", "residual_norms", "status",
+                                "true_residual_norm"],
                    meta_fields=["solver"])
 @dataclasses.dataclass(frozen=True)
 class JaxSolveResult:
@@ -147,6 +148,11 @@ class JaxSolveResult:
         An int32 code: ``STATUSES[status]`` is the :class:`~prdp_ops.Status`.
     solver
         Name of the solver (static).
+    true_residual_norm
+        ``||b - A x||`` as the driver computed it to confirm a convergence claim or judge an
+        unconverged end (a real 0-d array), NaN where it computed none (a fixed iteration
+        count that ran out); ``None`` where the path that made the result does not carry
+        it. What a failure message quotes, and :class:`~prdp_ops.SolveResult`'s field.
     """
 
     x: Any
@@ -155,6 +161,7 @@ class JaxSolveResult:
     residual_norms: Any
     status: Any
     solver: str = ""
+    true_residual_norm: Any = None
 
     #: ``STATUSES[code]`` is the :class:`~prdp_ops.Status` of a status code.
     STATUSES = driver.STATUSES
@@ -165,6 +172,9 @@ class JaxSolveResult:
         norms = np.asarray(self.residual_norms, dtype=np.float64)
         if norms.shape[0] > 2 or iterations <= 1:
             norms = norms[: iterations + 1]
+        true = (None if self.true_residual_norm is None
+                else float(np.asarray(self.true_residual_norm)))
         return SolveResult(x=self.x, converged=bool(self.converged), iterations=iterations,
                            residual_norms=norms, status=driver.STATUSES[int(self.status)],
-                           solver=self.solver)
+                           solver=self.solver,
+                           true_residual_norm=None if true is None or np.isnan(true) else true)

@@ -124,9 +124,13 @@ def report(result: JaxSolveResult, on_failure: str, what: str,
         host(result)
         return
     if callback is None:
-        # Only the numbers the message needs cross to the host, and only on failure.
+        # Only the numbers the message needs cross to the host, and only on failure: the
+        # initial and final residual norms (the message quotes the final one) and the true
+        # residual norm, not x or the whole history.
+        norms = result.residual_norms
+        final = norms[jnp.minimum(result.iterations, norms.shape[0] - 1)]
         result = dataclasses.replace(result, x=jnp.zeros(()),
-                                     residual_norms=jnp.zeros(1, result.residual_norms.dtype))
+                                     residual_norms=jnp.stack([norms[0], final]))
     needed = jnp.asarray(callback is not None) | (result.status >= driver.BREAKDOWN)
     lax.cond(needed, lambda: jax.debug.callback(host, result), lambda: None)
 
@@ -134,7 +138,8 @@ def report(result: JaxSolveResult, on_failure: str, what: str,
 # -- the forward solve ---------------------------------------------------------------------------
 def forward(problem: Problem, params: dict[str, Any], m_params: dict[str, Any], b: Any,
             x0: Any, controls: tuple, tape: driver.Tape | None = None) -> tuple:
-    """Run the solve: ``(x, info, loop)`` with ``info = (iterations, status, history)``."""
+    """Run the solve: ``(x, info, loop)`` with ``info = (iterations, status, history,
+    true_norm)``, ``true_norm`` the driver's ``||b - A x||`` (NaN where it computed none)."""
     A, M = problem.operators(params, m_params)
     maxiter, rtol, atol = controls[:3]
     bnorm = OPS.norm(b)
@@ -152,7 +157,7 @@ def forward(problem: Problem, params: dict[str, Any], m_params: dict[str, Any], 
         final = problem.solver.residual_norm(OPS, loop.state).astype(history.dtype)
         history = history.at[size].set(jnp.where(loop.iterations > size, final,
                                                  history[size]))
-    return loop.x, (loop.iterations, loop.status, history), loop
+    return loop.x, (loop.iterations, loop.status, history, loop.true_norm), loop
 
 
 def solve_core(problem: Problem, params: dict[str, Any], m_params: dict[str, Any], b: Any,
@@ -201,10 +206,10 @@ def _implicit(problem: Problem) -> Callable:
 
 def _info_tangent(info: tuple) -> tuple:
     """Zero tangents of the convergence information (float0 for the integer codes)."""
-    iterations, status, history = info
+    iterations, status, history, true_norm = info
     float0 = jax.dtypes.float0
     return (np.zeros(np.shape(iterations), float0), np.zeros(np.shape(status), float0),
-            jnp.zeros_like(history))
+            jnp.zeros_like(history), jnp.zeros_like(true_norm))
 
 
 def _tangent_rhs(problem: Problem, params: dict[str, Any], params_dot: dict[str, Any],
@@ -256,12 +261,13 @@ def _scaled_solve(problem: Problem, params: dict[str, Any], m_params: dict[str, 
     safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
     maxiter, rtol, atol = controls[:3]
     scaled_controls = (maxiter, rtol, atol / safe.astype(atol.dtype), *controls[3:])
-    x, (iterations, status, history), _ = forward(
+    x, (iterations, status, history, true_norm), _ = forward(
         problem, params, m_params, rhs / safe.astype(rhs.dtype), jnp.zeros_like(rhs),
         scaled_controls)
     x = x * safe.astype(x.dtype)
     result = JaxSolveResult(x, status == driver.CONVERGED, iterations,
-                            history * safe.astype(history.dtype), status, problem.solver_name)
+                            history * safe.astype(history.dtype), status, problem.solver_name,
+                            true_norm * safe.astype(true_norm.dtype))
     report(lax.stop_gradient(result), problem.on_failure, problem.what, problem.callback)
     return x
 

@@ -270,9 +270,10 @@ def solve(
     )
     params = op.parameters()
     m_params = {} if M_op is None else M_op.parameters()
-    x, (iterations, status, history) = solve_core(problem, params, m_params, b, x0, controls)
+    x, (iterations, status, history, true_norm) = solve_core(problem, params, m_params, b, x0,
+                                                             controls)
     result = JaxSolveResult(x, status == driver.CONVERGED, iterations, history, status,
-                            problem.solver_name)
+                            problem.solver_name, true_norm)
     report(lax.stop_gradient(result), on_failure, problem.what)
     if capacity is not None and args.is_traced(maxiter):
         _warn_if_capped(maxiter, capacity, iterations, status)

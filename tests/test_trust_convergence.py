@@ -11,6 +11,7 @@ here in float64.
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +143,42 @@ def test_precision_limit_is_a_warning_by_default(caplog: pytest.LogCaptureFixtur
     assert result.status is Status.PRECISION_LIMIT and not result.converged
     assert result.info > 0
     assert "dtype" in caplog.text and "cg" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["jax", "bridge"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_failure_report_quotes_the_residuals_of_the_returned_x(
+        backend: str, jit: bool, caplog: pytest.LogCaptureFixture) -> None:
+    # The message of an unconverged end quotes the recursive and the true residual norms.
+    # Under jit the JAX path used to send zeros for the history and no true norm to the host,
+    # and warned "(recursive residual 0, true residual nan)" for a solve whose true residual
+    # was 1e-13; the JAX result carried no true residual norm at all.
+    # CG's recurrence claims 1e-14 on this matrix (condition 1e8); x cannot meet it.
+    A, b = spd(40, cond=1e8), np.ones(40)
+
+    def run(A: jax.Array, b: jax.Array) -> tuple:
+        return pj.solve(A, b, "cg", rtol=1e-14, maxiter=4000, return_result=True,
+                        on_failure="warn", backend="jax" if backend == "jax" else "numpy")
+
+    run = jax.jit(run) if jit else run
+    with caplog.at_level(logging.WARNING, logger="prdp_ops"):
+        x, result = run(jnp.asarray(A), jnp.asarray(b))
+        jax.block_until_ready(x)
+        jax.effects_barrier()
+    x = np.asarray(x)
+    assert pj.JaxSolveResult.STATUSES[int(result.status)] in (
+        Status.INACCURATE, Status.STAGNATED, Status.PRECISION_LIMIT)
+    true, slack = _true_residual(A, b, x), _rounding_slack(A, b, x)
+    assert abs(float(result.true_residual_norm) - true) <= slack
+    assert result.to_solve_result().true_residual_norm == float(result.true_residual_norm)
+    norms = np.asarray(result.residual_norms)
+    final = float(norms[min(int(result.iterations), norms.shape[0] - 1)])
+    quoted = re.findall(r"recursive residual (\S+), true residual ([^)]+)\)", caplog.text)
+    assert quoted, caplog.text
+    recursive, quoted_true = (float(v) for v in quoted[-1])
+    # Printed to three significant digits: within half a unit of the third.
+    assert abs(recursive - final) <= 5e-3 * final
+    assert abs(quoted_true - true) <= 5e-3 * true + slack
 
 
 # -- 2. stagnation ends the loop ------------------------------------------------------------
