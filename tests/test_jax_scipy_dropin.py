@@ -105,12 +105,20 @@ def _gmres_slow(solvers: tuple[str, ...]) -> list:
 
 
 def _solution_cases() -> list:
-    """Every solver, operator kind and preconditioning; GMRES (the longest compiles) keeps
-    the unpreconditioned dense matrix in the default run (its preconditioned solve runs in
-    test_difference_1) and the other cases for ``pytest -m slow``."""
+    """Every solver, operator kind and preconditioning. The default run keeps, per solver,
+    the unpreconditioned dense matrix and each other operator kind once (the function
+    preconditioned, the matmul operator not: each kind and each preconditioning runs), and
+    leaves the rest to ``pytest -m slow``; GMRES (the longest compiles) keeps only the
+    unpreconditioned dense matrix (its preconditioned solve runs in test_difference_1)."""
+    default = {("matrix", False), ("function", True), ("matmul", False)}
+
+    def kept(solver: str, kind: str, precondition: bool) -> bool:
+        if solver == "gmres":
+            return (kind, precondition) == ("matrix", False)
+        return (kind, precondition) in default
+
     return [pytest.param(solver, kind, precondition, id=f"{precondition}-{kind}-{solver}",
-                         marks=(pytest.mark.slow,)
-                         if solver == "gmres" and (kind != "matrix" or precondition) else ())
+                         marks=() if kept(solver, kind, precondition) else (pytest.mark.slow,))
             for precondition in (False, True) for kind in ("matrix", "function", "matmul")
             for solver in SOLVERS]
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from helpers import agree_tol
 
 SCRIPT = textwrap.dedent("""
@@ -71,6 +72,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess of its own with four host devices: about 8 s of compiles
 def test_sharded_solve_matches_unsharded_and_keeps_sharding() -> None:
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     # four host devices, on top of the flags the suite runs with (conftest.py)

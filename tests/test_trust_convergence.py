@@ -99,9 +99,24 @@ def test_gmres_on_diag_with_zero_is_not_converged(backend: str) -> None:
                                rtol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def _every_backend_and_case(name: str, values: list, ids: list[str]) -> pytest.MarkDecorator:
+    """Parametrise ``backend, case, <name>`` over every combination. The default run keeps
+    NumPy's in full and, on the JAX paths (whose compiles are most of the time), one value
+    per case: case ``i`` keeps value ``i`` on JAX and ``i + 1`` on the bridge (modulo their
+    number), so each value runs on both paths and each case on both; the rest runs under
+    ``pytest -m slow``."""
+    params = []
+    for b, backend in enumerate(BACKENDS):
+        for i, case in enumerate(SOLVER_CASES):
+            kept = None if backend == "numpy" else (i + b) % len(values)
+            for j, value in enumerate(values):
+                marks = () if kept is None or j == kept else (pytest.mark.slow,)
+                params.append(pytest.param(backend, case, value, marks=marks,
+                                           id=f"{backend}-{case.id}-{ids[j]}"))
+    return pytest.mark.parametrize(("backend", "case", name), params)
+
+
+@_every_backend_and_case("dtype", [np.float32, np.float64], ["float32", "float64"])
 def test_converged_results_meet_the_tolerance_on_the_true_residual(backend: str, case,
                                                                    dtype) -> None:
     # The invariant behind every "converged": ||b - A x|| <= max(rtol ||b||, atol), up to
@@ -210,9 +225,7 @@ def test_slow_but_steady_convergence_is_not_stagnation() -> None:
 
 
 # -- 3. NaN and inf are caught by the driver, for every solver ------------------------------
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", SOLVER_CASES, ids=lambda c: c.id)
-@pytest.mark.parametrize("where", ["A", "b"])
+@_every_backend_and_case("where", ["A", "b"], ["A", "b"])
 def test_nonfinite_input_is_reported_and_x_stays_finite(backend: str, case, where) -> None:
     n = 6
     A = case.matrix_for(n)
