@@ -12,9 +12,8 @@ directory on ``sys.path`` and imports ``_common``):
   ``measure_fidelity``, ``search_start`` (imported here: ``_common.signal_functions`` and
   ``_common.search_start`` work);
 * ``_report`` -- reporting and the sweep: ``summary``, ``print_result_line``, ``make_figure``,
-  ``plot_runs``, ``finish``, ``sweep_grid``, ``sweep`` and ``plot_sweep``. This module
-  re-exports them (``_common.finish``, ``_common.sweep``, ...; see :func:`__getattr__` at its
-  end), so the examples and tests keep one entry point.
+  ``plot_runs``, ``finish``, ``sweep_grid``, ``sweep`` and ``plot_sweep`` (the examples
+  import it beside this module).
 
 Every example describes its training problem as a :class:`Trainer` (how to build a fresh
 model, how to run one epoch at a given iteration count, how to validate) and hands it to
@@ -51,7 +50,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 # examples/ is not a package: _signals sits beside this file (the examples put this directory
 # on sys.path; the tests load this file by path, so make sure of it here).
@@ -66,17 +65,6 @@ from _signals import (
     signal_functions,
 )
 
-if TYPE_CHECKING:  # for type checkers and linters; at run time see __getattr__ at the end
-    from _report import (
-        finish,
-        make_figure,
-        plot_runs,
-        print_result_line,
-        summary,
-        sweep,
-        sweep_grid,
-    )
-
 __all__ = [
     "SIGNAL_BUDGET",
     "EpochRecord",
@@ -88,17 +76,10 @@ __all__ = [
     "converged_iterations",
     "default_out",
     "enable_x64",
-    "finish",
-    "make_figure",
-    "plot_runs",
     "positive_int",
-    "print_result_line",
     "rule_options",
     "search_start",
     "signal_functions",
-    "summary",
-    "sweep",
-    "sweep_grid",
     "train",
 ]
 
@@ -431,35 +412,3 @@ def compare(trainer: Trainer, controller: Any, baseline_k: int,
                          progress=progress)
     prdp = train(trainer, controller, "prdp", progress=progress, start=start)
     return baseline, prdp
-
-
-# ---------------------------------------------------------------------------- re-exports
-
-#: The reporting and sweep functions that live in ``_report``; this module re-exports them so
-#: that callers keep one entry point (``_common.finish``, ``_common.sweep``, ...).
-_REPORT_NAMES = frozenset({"finish", "make_figure", "plot_runs", "plot_sweep",
-                           "print_result_line", "summary", "sweep", "sweep_grid"})
-
-
-def __getattr__(name: str) -> Any:
-    """``_report``'s function ``name`` (PEP 562): the re-export, so that callers keep one entry
-    point (``_common.finish``, ``_common.sweep``, ...).
-
-    Looked up on first use, not imported at the bottom of this module: ``_report`` imports
-    ``_common`` at its top, so an eager import fails (a partially initialised module) when
-    ``_report`` is imported first, or when this file is loaded under another name (as the tests
-    do) before ``_common`` is imported. Other names raise ``AttributeError``.
-    """
-    if name not in _REPORT_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    here = str(Path(__file__).resolve().parent)  # as the examples do: _report sits beside us
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    import _report
-
-    return getattr(_report, name)
-
-
-def __dir__() -> list[str]:
-    """This module's names and the ones it re-exports from ``_report``."""
-    return sorted(set(globals()) | _REPORT_NAMES)

@@ -11,9 +11,8 @@ its directory on ``sys.path`` and imports ``_common``):
   :func:`plot_runs` (the PNG), :func:`finish` (the tail of every ``main``), and the sweep
   (:func:`sweep_grid`, :func:`sweep`, :func:`plot_sweep`).
 
-``_common`` re-exports this module's public functions (``_common.finish``, ``_common.sweep``,
-...), so the examples and tests keep one entry point; this module imports ``_common`` for the
-training it runs and the types it reports on.
+The examples import this module beside ``_common`` (``_report.finish``, ``_report.sweep``);
+it imports ``_common`` for the training it runs and the types it reports on.
 
 The result line of a comparison has fixed keys (scripts read it): each run's final
 validation metric, solver iterations and wall time, PRDP's final ``K``, and the iterations and
@@ -32,6 +31,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+# examples/ is not a package: _common sits beside this file (the examples put this directory
+# on sys.path; the tests load this file by path, so make sure of it here).
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
 

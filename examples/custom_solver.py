@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+import _report
 import poisson_inverse
 
 import prdp_ops as po
@@ -133,9 +134,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"baseline K = {k_converged} (relative residual 1e-8)", file=sys.stderr)
     if args.sweep:
         settings = problem["controller"]
-        ks = args.sweep_ks or _common.sweep_grid(k_converged, settings["k_min"],
+        ks = args.sweep_ks or _report.sweep_grid(k_converged, settings["k_min"],
                                                  settings["k_step"])
-        return _common.sweep(EXAMPLE, trainer,
+        return _report.sweep(EXAMPLE, trainer,
                              lambda: poisson_inverse.make_controller(problem, args),
                              k_converged, ks, args.out.with_name(args.out.stem + "_sweep.png"),
                              "red-black Gauss-Seidel (registered solver): final error vs cost",
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for run in (baseline, prdp):
         if run is not None:
             print(f"{run.label}: theta = {float(run.final_state[0][0]):.6f}", file=sys.stderr)
-    return _common.finish(EXAMPLE, baseline, prdp, args.out,
+    return _report.finish(EXAMPLE, baseline, prdp, args.out,
                           f"red-black Gauss-Seidel (registered solver): PRDP vs converged "
                           f"K={k_converged}")
 

@@ -84,6 +84,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+import _report
 import jax
 import jax.numpy as jnp
 import optax
@@ -462,8 +463,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           file=sys.stderr)
     if args.sweep:
         step = max(1, info["k_converged"] // 20) if info["setting"].get("relative_step") else 1
-        ks = args.sweep_ks or _common.sweep_grid(info["k_converged"], step, step)
-        return _common.sweep(f"{EXAMPLE}_{args.dim}d", trainer,
+        ks = args.sweep_ks or _report.sweep_grid(info["k_converged"], step, step)
+        return _report.sweep(f"{EXAMPLE}_{args.dim}d", trainer,
                              lambda: make_controller(info["setting"], info["k_converged"],
                                                      **_common.rule_options(args)),
                              info["k_converged"], ks,
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ax.set(xlabel="rollout step", ylabel="nRMSE", title="network-alone rollout")
         ax.legend()
 
-    return _common.finish(f"{EXAMPLE}_{args.dim}d", baseline, prdp, args.out,
+    return _report.finish(f"{EXAMPLE}_{args.dim}d", baseline, prdp, args.out,
                           f"BTCS heat {args.dim}D emulator: PRDP vs converged K="
                           f"{info['k_converged']}", rollout_panel)
 

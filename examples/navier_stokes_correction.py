@@ -71,6 +71,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+import _report
 import jax
 import jax.numpy as jnp
 import optax
@@ -423,8 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if args.sweep:
         step = CONTROLLER["k_step"]
-        ks = args.sweep_ks or _common.sweep_grid(info["k_max"], step, step)
-        return _common.sweep(EXAMPLE, trainer, make_controller, info["k_max"], ks,
+        ks = args.sweep_ks or _report.sweep_grid(info["k_max"], step, step)
+        return _report.sweep(EXAMPLE, trainer, make_controller, info["k_max"], ks,
                              args.out.with_name(args.out.stem + "_sweep.png"),
                              f"{title}: final error vs cost", progress=not args.quiet,
                              start=args.start_search)
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     baseline, prdp = _common.compare(trainer, controller, info["k_max"],
                                      with_baseline=args.compare, progress=not args.quiet,
                                      start=args.start_search)
-    return _common.finish(EXAMPLE, baseline, prdp, args.out,
+    return _report.finish(EXAMPLE, baseline, prdp, args.out,
                           f"{title}: PRDP vs converged (GMRES {info['k_advection']}, "
                           f"CG {info['k_pressure']})",
                           k_counts=lambda k: solve_counts(k, info["k_advection"],

@@ -59,6 +59,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common
+import _report
 import jax
 import jax.numpy as jnp
 import optax
@@ -241,9 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{k_baseline}", file=sys.stderr)
     if args.sweep:
         settings = problem["controller"]
-        ks = args.sweep_ks or _common.sweep_grid(k_baseline, settings["k_min"],
+        ks = args.sweep_ks or _report.sweep_grid(k_baseline, settings["k_min"],
                                                  settings["k_step"])
-        return _common.sweep(f"{EXAMPLE}_{args.variant}", trainer,
+        return _report.sweep(f"{EXAMPLE}_{args.variant}", trainer,
                              lambda: make_controller(problem, args), k_baseline, ks,
                              args.out.with_name(args.out.stem + "_sweep.png"),
                              f"Poisson inverse ({args.variant}): final error vs cost",
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.variant == "1d":
         for label, theta in estimates.items():
             print(f"{label}: theta = {theta[0]:.6f} (reference {THETA_REF})", file=sys.stderr)
-    return _common.finish(f"{EXAMPLE}_{args.variant}", baseline, prdp, args.out,
+    return _report.finish(f"{EXAMPLE}_{args.variant}", baseline, prdp, args.out,
                           f"Poisson inverse ({args.variant}): PRDP vs converged K={k_baseline}")
 
 

@@ -68,11 +68,11 @@ def test_converged_iterations_finds_the_threshold():
 
 
 def test_sweep_grid_is_geometric_on_the_schedule_grid():
-    common = load("_common")
-    assert common.sweep_grid(29) == [1, 2, 3, 4, 7, 11, 18, 29]
-    grid = common.sweep_grid(600, 25, 10)
+    report = load("_report")
+    assert report.sweep_grid(29) == [1, 2, 3, 4, 7, 11, 18, 29]
+    grid = report.sweep_grid(600, 25, 10)
     assert grid[0] == 25 and grid[-1] == 600 and all((k - 25) % 10 == 0 for k in grid[:-1])
-    assert common.sweep_grid(5, 5, 5) == [5]
+    assert report.sweep_grid(5, 5, 5) == [5]
 
 
 def test_sweep_reports_k_sufficient_and_the_oracle(tmp_path, capsys):
@@ -289,18 +289,18 @@ def test_start_search_takes_the_larger_of_raw_and_view_fidelity(views):
 
 
 def test_summary_percentages_and_ratio():
-    common = load("_common")
+    common, report = load("_common"), load("_report")
     baseline = common.RunResult("baseline", 0.2, 1000, 10.0, 50, [])
     prdp = common.RunResult("prdp", 0.21, 150, 4.0, 7, [])
-    result = common.summary("demo", baseline, prdp)
+    result = report.summary("demo", baseline, prdp)
     assert result["iterations_saved_pct"] == pytest.approx(85.0)
     assert result["time_saved_pct"] == pytest.approx(60.0)
     assert result["val_error_ratio"] == pytest.approx(1.05)
     assert result["prdp"]["k_final"] == 7
-    alone = common.summary("demo", None, prdp)
+    alone = report.summary("demo", None, prdp)
     assert alone["baseline"] is None and alone["iterations_saved_pct"] is None
     # No solves at all (the network-alone setup): null, not NaN, so the line stays JSON.
-    no_solves = common.summary("demo", common.RunResult("baseline", 0.2, 0, 1.0, 5, []),
+    no_solves = report.summary("demo", common.RunResult("baseline", 0.2, 0, 1.0, 5, []),
                                common.RunResult("prdp", 0.2, 0, 1.0, 1, []))
     assert no_solves["iterations_saved_pct"] is None
     json.loads(json.dumps(no_solves, allow_nan=False))
